@@ -1,0 +1,152 @@
+"""Throw-away PKI for a loopback control plane: one CA, the apiserver serving cert, client certs, SA key.
+
+EC P-256 keys keep generation in the milliseconds; kube-apiserver accepts them for TLS and ES256 tokens.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+VALIDITY = dt.timedelta(days=7)
+SERVICE_IP = "10.0.0.1"
+"""First address of the apiserver's ``--service-cluster-ip-range``: the in-cluster ``kubernetes`` Service."""
+
+
+@dataclass(frozen=True)
+class CertPair:
+    """PEM files of a certificate and its key."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Pki:
+    """Every file the control plane needs, all under one directory."""
+
+    ca: CertPair
+    apiserver: CertPair
+    admin: CertPair
+    scheduler: CertPair
+    sa_key: Path
+    sa_pub: Path
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path.write_bytes(pem)
+    path.chmod(0o600)
+
+
+def _write_cert(cert: x509.Certificate, path: Path) -> None:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _name(common_name: str, org: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if org:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    return x509.Name(attrs)
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + VALIDITY)
+    )
+
+
+def _leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    subject: x509.Name,
+    usage: x509.ObjectIdentifier,
+    sans: list[x509.GeneralName] | None = None,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = _key()
+    builder = (
+        _builder(subject, ca_cert.subject, key.public_key())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_encipherment=True, content_commitment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def _store(directory: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> CertPair:
+    pair = CertPair(cert=directory / f"{name}.crt", key=directory / f"{name}.key")
+    _write_cert(cert, pair.cert)
+    _write_key(key, pair.key)
+    return pair
+
+
+def generate(directory: Path) -> Pki:
+    """Write a complete PKI into ``directory`` (created if missing)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = _key()
+    ca_name = _name("kube-gpu-extender-e2e-ca")
+    ca_cert = (
+        _builder(ca_name, ca_name, ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_encipherment=False, content_commitment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    sans: list[x509.GeneralName] = [
+        x509.DNSName(dns)
+        for dns in ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                    "kubernetes.default.svc.cluster.local")
+    ]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "::1", SERVICE_IP)]
+    server = _leaf(ca_cert, ca_key, _name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, sans)
+    admin = _leaf(ca_cert, ca_key, _name("kubernetes-admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH)
+    sched = _leaf(ca_cert, ca_key, _name("system:kube-scheduler"), ExtendedKeyUsageOID.CLIENT_AUTH)
+    sa_key = _key()
+    sa_key_path, sa_pub_path = directory / "sa.key", directory / "sa.pub"
+    _write_key(sa_key, sa_key_path)
+    sa_pub_path.write_bytes(
+        sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return Pki(
+        ca=_store(directory, "ca", ca_cert, ca_key),
+        apiserver=_store(directory, "apiserver", *server),
+        admin=_store(directory, "admin", *admin),
+        scheduler=_store(directory, "scheduler", *sched),
+        sa_key=sa_key_path,
+        sa_pub=sa_pub_path,
+    )

@@ -1,0 +1,128 @@
+"""The placement policy file: a versioned, validated YAML document (usually a mounted ConfigMap)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from policies.demand import Demand
+
+API_VERSION = "gpu-extender.io/v1alpha1"
+
+
+class _Strict(BaseModel):
+    # A typo in a policy file must be an error, not a silently ignored key.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class Weights(_Strict):
+    """How much each score counts. Units: GPUs of capacity (fragmentation, best fit) or points (the rest)."""
+
+    fragmentation: float = Field(1.0, ge=0)
+    best_fit: float = Field(0.0, ge=0, alias="bestFit")
+    packing: float = Field(0.05, ge=0)
+    mig_fit: float = Field(1.0, ge=0, alias="migFit")
+    utilization: float = Field(0.0, ge=0)
+
+
+class ShapeSpec(_Strict):
+    """A pod shape that is expected to arrive, for fragmentation before the cluster has taught us its mix."""
+
+    cpu_milli: int = Field(0, ge=0, alias="cpuMilli")
+    gpu_count: int = Field(0, ge=0, le=64, alias="gpuCount")
+    gpu_milli: int = Field(0, ge=0, le=1000, alias="gpuMilli")
+    models: list[str] = Field(default_factory=list)
+    weight: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ShapeSpec:
+        if (self.gpu_count == 0) != (self.gpu_milli == 0):
+            raise ValueError("gpuCount and gpuMilli must both be zero (CPU-only) or both positive")
+        if self.gpu_count > 1 and self.gpu_milli != 1000:
+            raise ValueError("multi-GPU shapes take whole GPUs: gpuMilli must be 1000")
+        return self
+
+    def demand(self) -> Demand:
+        return Demand(
+            cpu_milli=self.cpu_milli,
+            gpu_count=self.gpu_count,
+            gpu_milli=self.gpu_milli,
+            allowed_models=frozenset(self.models),
+        )
+
+
+def _default_shapes() -> list[ShapeSpec]:
+    # The most common shapes of the Alibaba GPU trace (openb default list), rounded.
+    return [
+        ShapeSpec(cpuMilli=8000, gpuCount=1, gpuMilli=1000, weight=0.48),
+        ShapeSpec(cpuMilli=4000, gpuCount=0, gpuMilli=0, weight=0.13),
+        ShapeSpec(cpuMilli=4000, gpuCount=1, gpuMilli=500, weight=0.25),
+        ShapeSpec(cpuMilli=4000, gpuCount=1, gpuMilli=250, weight=0.08),
+        ShapeSpec(cpuMilli=32000, gpuCount=4, gpuMilli=1000, weight=0.03),
+        ShapeSpec(cpuMilli=64000, gpuCount=8, gpuMilli=1000, weight=0.03),
+    ]
+
+
+class TypicalShapesSpec(_Strict):
+    coverage: float = Field(0.95, gt=0, le=1)
+    learn_from_cluster: bool = Field(True, alias="learnFromCluster")
+    min_observed_pods: int = Field(50, ge=1, alias="minObservedPods")
+    default: list[ShapeSpec] = Field(default_factory=_default_shapes, min_length=1)
+
+
+class ExtenderScoring(_Strict):
+    """How raw scores become the 0..10 integers kube-scheduler accepts."""
+
+    mode: Literal["rank", "linear"] = "rank"
+
+
+class Reservations(_Strict):
+    ttl_seconds: float = Field(120.0, gt=0, alias="ttlSeconds")
+
+
+class PlacementPolicy(_Strict):
+    api_version: Literal["gpu-extender.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["PlacementPolicy"] = "PlacementPolicy"
+    weights: Weights = Field(default_factory=Weights)
+    typical_shapes: TypicalShapesSpec = Field(default_factory=TypicalShapesSpec, alias="typicalShapes")
+    extender_scoring: ExtenderScoring = Field(default_factory=ExtenderScoring, alias="extenderScoring")
+    reservations: Reservations = Field(default_factory=Reservations)
+
+
+class PolicyError(ValueError):
+    """A policy document that cannot be used; the message names every bad field."""
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        where = ".".join(str(part) for part in e["loc"]) or "(document)"
+        lines.append(f"{where}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def parse_policy(text: str, source: str = "<policy>") -> PlacementPolicy:
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}") from exc
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise PolicyError(f"{source}: expected a mapping at the top level, got {type(document).__name__}")
+    try:
+        return PlacementPolicy.model_validate(document)
+    except ValidationError as exc:
+        raise PolicyError(f"{source}: {_describe(exc)}") from exc
+
+
+def load_policy(path: str | Path) -> PlacementPolicy:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read: {exc.strerror}") from exc
+    return parse_policy(text, str(path))

@@ -1,0 +1,65 @@
+"""What a pod asks for, reduced to the fields a placement decision needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from policies.inventory import MILLI_PER_GPU
+
+
+class DemandKind(str, Enum):
+    NONE = "none"  # no GPU: still shapes fragmentation through CPU and memory
+    WHOLE = "whole"  # N dedicated GPUs
+    SHARE = "share"  # a fraction of one GPU
+    MIG = "mig"  # one MIG instance of a profile
+
+
+class LatencyClass(str, Enum):
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
+@dataclass(frozen=True)
+class Demand:
+    """A pod's request. `gpu_milli` is per GPU: 1000 for whole GPUs, below 1000 for a share."""
+
+    cpu_milli: int = 0
+    memory_mib: int = 0
+    gpu_count: int = 0
+    gpu_milli: int = 0
+    mig_profile: str | None = None
+    gpu_memory_mib: int = 0
+    allowed_models: frozenset[str] = frozenset()
+    model_name: str | None = None
+    latency_class: LatencyClass = LatencyClass.BATCH
+
+    @property
+    def kind(self) -> DemandKind:
+        if self.mig_profile:
+            return DemandKind.MIG
+        if self.gpu_count == 0:
+            return DemandKind.NONE
+        if self.gpu_milli < MILLI_PER_GPU:
+            return DemandKind.SHARE
+        return DemandKind.WHOLE
+
+    @property
+    def gpu_milli_total(self) -> int:
+        return self.gpu_count * self.gpu_milli
+
+    @property
+    def shape(self) -> tuple[int, int, int, frozenset[str]]:
+        """The key that groups pods into "typical shapes" for fragmentation: memory is deliberately left out."""
+        return (self.cpu_milli, self.gpu_count, self.gpu_milli, self.allowed_models)
+
+
+def model_allowed(model: str, allowed: frozenset[str]) -> bool:
+    """GPU type constraint: an exact model name, or a case-insensitive part of a longer product name.
+
+    `A100` matches the GFD product `NVIDIA-A100-SXM4-80GB`; `V100M16` matches only itself in the openb trace.
+    """
+    if not allowed:
+        return True
+    upper = model.upper()
+    return any(a == model or a.upper() in upper for a in allowed)

@@ -1,0 +1,134 @@
+"""The one decision core: feasibility, scores and the concrete placement, for every caller.
+
+The extender's verbs, the simulator, the planner and `explain` all call `evaluate` and `assign`; nothing else
+decides where a pod goes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from policies.config import PlacementPolicy
+from policies.demand import Demand, DemandKind
+from policies.feasibility import Reason, feasibility, usable_gpus
+from policies.fragmentation import TypicalShapes
+from policies.inventory import MILLI_PER_GPU, Assignment, MigPlacement
+from policies.scoring import SCORERS, Candidates
+from policies.state import ClusterSnapshot
+
+MAX_EXTENDER_SCORE = 10
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything decided about one pod over a set of rows of a snapshot."""
+
+    rows: np.ndarray  # [R] snapshot rows, in request order
+    reasons: np.ndarray  # uint8 [R], Reason.FITS where feasible
+    scores: np.ndarray  # float [R], -inf where infeasible (only when scored)
+    choice: np.ndarray  # int [R], best placement column per row (-1 where none)
+    mig_start: np.ndarray  # int [R], chosen MIG start slot (-1 where none)
+    components: dict[str, np.ndarray]  # per-scorer value at the chosen column, for explanations
+
+    @property
+    def feasible(self) -> np.ndarray:
+        return self.reasons == Reason.FITS
+
+    def best(self) -> int | None:
+        """Index (into `rows`) of the preferred placement; ties go to the earliest row."""
+        if not self.feasible.any():
+            return None
+        return int(np.argmax(self.scores))
+
+
+def evaluate(
+    snapshot: ClusterSnapshot,
+    demand: Demand,
+    rows: np.ndarray,
+    policy: PlacementPolicy,
+    shapes: TypicalShapes,
+    score: bool = True,
+) -> Evaluation:
+    reasons = feasibility(snapshot, rows, demand)
+    n = len(rows)
+    scores = np.full(n, -np.inf)
+    choice = np.full(n, -1, dtype=np.int64)
+    mig_start = np.full(n, -1, dtype=np.int64)
+    components: dict[str, np.ndarray] = {}
+    ok = np.flatnonzero(reasons == Reason.FITS)
+    if score and len(ok):
+        candidates = Candidates(snapshot, rows[ok], demand, shapes)
+        total = np.zeros(candidates.valid.shape)
+        values: dict[str, np.ndarray] = {}
+        for name, scorer in SCORERS.items():
+            weight = getattr(policy.weights, name)
+            if weight:
+                values[name] = scorer(candidates)
+                total = total + weight * values[name]
+        total = np.where(candidates.valid, total, -np.inf)
+        best_col = np.argmax(total, axis=1)
+        picked = np.arange(len(ok))
+        scores[ok] = total[picked, best_col]
+        choice[ok] = best_col
+        if demand.kind is DemandKind.MIG:
+            mig_start[ok] = candidates.mig_choice[0][picked, best_col]
+        for name, value in values.items():
+            full = np.full(n, np.nan)
+            full[ok] = np.broadcast_to(value, total.shape)[picked, best_col]
+            components[name] = full
+    return Evaluation(rows, reasons, scores, choice, mig_start, components)
+
+
+def extender_scores(evaluation: Evaluation, mode: str = "rank") -> np.ndarray:
+    """Integers 0..10 for kube-scheduler. The single best placement gets 10 and only it does.
+
+    kube-scheduler breaks ties among equal totals at random and adds its own plugins' scores, so a decisive
+    answer needs a unique maximum; the rest keep their order, spread over 0..9.
+    """
+    out = np.zeros(len(evaluation.rows), dtype=np.int64)
+    feasible = np.flatnonzero(evaluation.feasible)
+    if not len(feasible):
+        return out
+    values = evaluation.scores[feasible]
+    best = feasible[int(np.argmax(values))]
+    lo, hi = float(values.min()), float(values.max())
+    if mode == "linear" and hi > lo:
+        scaled = np.floor((values - lo) / (hi - lo) * (MAX_EXTENDER_SCORE - 1)).astype(np.int64)
+    else:
+        # Rank: distinct values ordered, spread evenly over 0..9, so small raw gaps still separate nodes.
+        distinct = np.unique(values)
+        position = np.searchsorted(distinct, values)
+        top = max(len(distinct) - 1, 1)
+        scaled = np.floor(position / top * (MAX_EXTENDER_SCORE - 1)).astype(np.int64)
+    out[feasible] = np.clip(scaled, 0, MAX_EXTENDER_SCORE - 1)
+    out[best] = MAX_EXTENDER_SCORE
+    return out
+
+
+def assign(snapshot: ClusterSnapshot, demand: Demand, evaluation: Evaluation, index: int) -> Assignment:
+    """The concrete resources for the placement at `index` of an evaluation (which must be feasible)."""
+    if evaluation.reasons[index] != Reason.FITS:
+        raise ValueError("cannot assign an infeasible placement")
+    row = int(evaluation.rows[index])
+    node = snapshot.names[row]
+    base = Assignment(node=node, cpu_milli=demand.cpu_milli, memory_mib=demand.memory_mib)
+    kind = demand.kind
+    if kind is DemandKind.NONE:
+        return base
+    column = int(evaluation.choice[index])
+    if kind is DemandKind.MIG:
+        start = int(evaluation.mig_start[index])
+        if column < 0 or start < 0:
+            raise ValueError("evaluation was not scored; cannot choose a MIG slot")
+        assert demand.mig_profile is not None
+        return replace(base, mig=MigPlacement(gpu=column, profile=demand.mig_profile, start=start))
+    if kind is DemandKind.SHARE:
+        if column < 0:
+            raise ValueError("evaluation was not scored; cannot choose a GPU")
+        return replace(base, gpus=(column,), milli=demand.gpu_milli, gpu_memory_mib=demand.gpu_memory_mib)
+    usable = np.flatnonzero(usable_gpus(snapshot, np.array([row]), demand)[0])
+    gpus = tuple(int(g) for g in usable[: demand.gpu_count])
+    return replace(base, gpus=gpus, milli=MILLI_PER_GPU, gpu_memory_mib=demand.gpu_memory_mib)
+

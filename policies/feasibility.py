@@ -1,0 +1,122 @@
+"""Hard fit: can a pod go on a node at all, and if not, why (and could evicting pods change that)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+
+from policies.demand import Demand, DemandKind, model_allowed
+from policies.mig import MIG_TABLES
+from policies.state import MIG_TABLE_NAMES, ClusterSnapshot
+
+
+class Reason(IntEnum):
+    """Why a node was rejected. Order matters only for reporting; 0 means the pod fits."""
+
+    FITS = 0
+    NO_GPU = 1
+    GPU_MODEL = 2
+    TOO_FEW_GPUS = 3
+    NO_MIG_PROFILE = 4
+    GPU_MEMORY_TOO_SMALL = 5
+    CPU = 10
+    MEMORY = 11
+    GPUS_BUSY = 12
+    NO_GPU_SHARE = 13
+    MIG_SLICES_BUSY = 14
+
+
+# Rejections below this value cannot be cured by evicting pods: the node lacks the hardware.
+_RESOLVABLE_FROM = Reason.CPU
+
+REASON_TEXT: dict[Reason, str] = {
+    Reason.FITS: "fits",
+    Reason.NO_GPU: "node has no GPU usable by this pod",
+    Reason.GPU_MODEL: "GPU model not allowed by the pod",
+    Reason.TOO_FEW_GPUS: "node has fewer GPUs than requested",
+    Reason.NO_MIG_PROFILE: "no MIG-enabled GPU on the node supports the requested profile",
+    Reason.GPU_MEMORY_TOO_SMALL: "GPU memory smaller than requested",
+    Reason.CPU: "insufficient CPU",
+    Reason.MEMORY: "insufficient memory",
+    Reason.GPUS_BUSY: "not enough fully free GPUs",
+    Reason.NO_GPU_SHARE: "no single GPU has the requested share free",
+    Reason.MIG_SLICES_BUSY: "no free MIG slices for the requested profile",
+}
+
+
+def is_resolvable(reason: Reason) -> bool:
+    """Whether preemption could make the node fit (the node has the hardware, others hold it)."""
+    return reason >= _RESOLVABLE_FROM
+
+
+def model_mask(snapshot: ClusterSnapshot, demand: Demand) -> np.ndarray:
+    """bool [M + 1]: which GPU models (last entry: no GPU) the demand accepts."""
+    allowed = [model_allowed(m, demand.allowed_models) for m in snapshot.models]
+    return np.array([*allowed, False], dtype=bool)
+
+
+def mig_slots(snapshot: ClusterSnapshot, rows: np.ndarray, profile: str) -> tuple[np.ndarray, np.ndarray]:
+    """For each (row, GPU): whether the GPU knows `profile`, and whether a free start slot exists for it."""
+    tables = snapshot.mig_table[rows]
+    occupied = snapshot.mig_occupied[rows]
+    known = np.zeros(tables.shape, dtype=bool)
+    free = np.zeros(tables.shape, dtype=bool)
+    for t, name in enumerate(MIG_TABLE_NAMES):
+        p = MIG_TABLES[name].profile(profile)
+        if p is None:
+            continue
+        on_table = tables == t
+        known |= on_table
+        has_room = np.zeros(tables.shape, dtype=bool)
+        for start in p.starts:
+            has_room |= (occupied & p.mask_at(start)) == 0
+        free |= on_table & has_room
+    return known, free
+
+
+def feasibility(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand) -> np.ndarray:
+    """Reason per row (uint8), `Reason.FITS` where the pod can be placed now.
+
+    Checks are ordered so the reported reason is the most permanent one: hardware before capacity.
+    """
+    reasons = np.zeros(len(rows), dtype=np.uint8)
+
+    def reject(mask: np.ndarray, reason: Reason) -> None:
+        reasons[(reasons == 0) & mask] = reason
+
+    kind = demand.kind
+    if kind in (DemandKind.WHOLE, DemandKind.SHARE):
+        present = snapshot.gpu_present[rows]
+        reject(~present.any(axis=1), Reason.NO_GPU)
+        reject(~model_mask(snapshot, demand)[snapshot.model_id[rows]], Reason.GPU_MODEL)
+        reject(present.sum(axis=1) < demand.gpu_count, Reason.TOO_FEW_GPUS)
+        if demand.gpu_memory_mib:
+            big_enough = present & (snapshot.gpu_mem_total[rows] >= demand.gpu_memory_mib)
+            reject(big_enough.sum(axis=1) < demand.gpu_count, Reason.GPU_MEMORY_TOO_SMALL)
+    elif kind is DemandKind.MIG:
+        assert demand.mig_profile is not None
+        known, _ = mig_slots(snapshot, rows, demand.mig_profile)
+        reject(~known.any(axis=1), Reason.NO_MIG_PROFILE)
+        reject(~model_mask(snapshot, demand)[snapshot.model_id[rows]], Reason.GPU_MODEL)
+
+    reject(snapshot.cpu_free[rows] < demand.cpu_milli, Reason.CPU)
+    reject(snapshot.mem_free[rows] < demand.memory_mib, Reason.MEMORY)
+
+    if kind is DemandKind.WHOLE or kind is DemandKind.SHARE:
+        usable = usable_gpus(snapshot, rows, demand)
+        reason = Reason.GPUS_BUSY if kind is DemandKind.WHOLE else Reason.NO_GPU_SHARE
+        reject(usable.sum(axis=1) < demand.gpu_count, reason)
+    elif kind is DemandKind.MIG:
+        assert demand.mig_profile is not None
+        _, free = mig_slots(snapshot, rows, demand.mig_profile)
+        reject(~free.any(axis=1), Reason.MIG_SLICES_BUSY)
+    return reasons
+
+
+def usable_gpus(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand) -> np.ndarray:
+    """bool [R, G]: GPUs with room for one unit of the demand (a whole GPU, or its share and memory)."""
+    usable = snapshot.gpu_free[rows] >= demand.gpu_milli
+    if demand.gpu_memory_mib:
+        usable &= snapshot.gpu_mem_free[rows] >= demand.gpu_memory_mib
+    return usable & snapshot.gpu_present[rows]

@@ -1,0 +1,152 @@
+"""GPU fragmentation as defined by FGD (Weng et al., USENIX ATC'23), vectorised over nodes and candidate GPUs.
+
+For one typical pod shape, a node's fragment is the idle GPU capacity that shape could not use: all of it when the
+shape cannot be placed on the node at all (or asks no GPU), otherwise only the GPUs whose leftover is smaller than
+the shape's per-GPU request. A node's fragmentation is the popularity-weighted sum over the typical shapes.
+Placing a pod well means increasing it as little as possible.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from policies.demand import Demand, model_allowed
+from policies.state import ClusterSnapshot
+
+
+@dataclass(frozen=True, eq=False)
+class TypicalShapes:
+    """The pod shapes that usually arrive, with their popularity (weights sum to 1)."""
+
+    cpu_milli: np.ndarray  # int64 [S]
+    gpu_count: np.ndarray  # int64 [S]
+    gpu_milli: np.ndarray  # int64 [S], 0 for CPU-only shapes
+    allowed_models: tuple[frozenset[str], ...]
+    weight: np.ndarray  # float64 [S]
+    _model_ok_cache: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.weight)
+
+    def model_ok(self, snapshot: ClusterSnapshot) -> np.ndarray:
+        """bool [M + 1, S]: whether nodes of each model (last row: no GPU) may host each shape."""
+        cached = self._model_ok_cache.get(snapshot.models)
+        if cached is None:
+            table = np.zeros((len(snapshot.models) + 1, self.size), dtype=bool)
+            for s, allowed in enumerate(self.allowed_models):
+                for m, model in enumerate(snapshot.models):
+                    table[m, s] = model_allowed(model, allowed)
+            self._model_ok_cache[snapshot.models] = cached = table
+        return cached
+
+
+def typical_shapes(demands: Iterable[Demand], coverage: float = 0.95) -> TypicalShapes:
+    """The most frequent shapes that together cover `coverage` of the pods, weights renormalised.
+
+    CPU-only shapes are included: they consume the CPU that GPU pods need, which strands GPUs too.
+    """
+    counts = Counter(d.shape for d in demands)
+    if not counts:
+        raise ValueError("typical shapes need at least one pod")
+    total = sum(counts.values())
+    chosen, covered = [], 0
+    for shape, count in counts.most_common():
+        if covered >= coverage * total:
+            break
+        chosen.append((shape, count))
+        covered += count
+    weights = np.array([c for _, c in chosen], dtype=np.float64)
+    return TypicalShapes(
+        cpu_milli=np.array([s[0] for s, _ in chosen], dtype=np.int64),
+        gpu_count=np.array([s[1] for s, _ in chosen], dtype=np.int64),
+        gpu_milli=np.array([s[2] for s, _ in chosen], dtype=np.int64),
+        allowed_models=tuple(s[3] for s, _ in chosen),
+        weight=weights / weights.sum(),
+    )
+
+
+def _frag_terms(
+    free: np.ndarray, cpu_free: np.ndarray, accessible: np.ndarray, shapes: TypicalShapes
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (node, shape): GPUs the shape fits on, idle milli on GPUs too small for it, and total idle milli."""
+    ge = free[:, :, None] >= shapes.gpu_milli[None, None, :]  # [R, G, S]
+    count = ge.sum(axis=1)  # [R, S]
+    below = np.where(ge, 0, free[:, :, None]).sum(axis=1)  # [R, S]
+    idle = free.sum(axis=1)  # [R]
+    return count, below, idle
+
+
+def _combine(
+    count: np.ndarray,
+    below: np.ndarray,
+    idle: np.ndarray,
+    cpu_free: np.ndarray,
+    accessible: np.ndarray,
+    shapes: TypicalShapes,
+) -> np.ndarray:
+    """Weighted fragmentation from the per-shape terms; broadcasts over any leading candidate axes."""
+    fits = (
+        (count >= shapes.gpu_count)
+        & (cpu_free[..., None] >= shapes.cpu_milli)
+        & accessible
+        & (shapes.gpu_milli > 0)
+    )
+    frag = np.where(fits, below, idle[..., None])
+    return frag @ shapes.weight
+
+
+def _accessible(snapshot: ClusterSnapshot, rows: np.ndarray, shapes: TypicalShapes) -> np.ndarray:
+    return shapes.model_ok(snapshot)[snapshot.model_id[rows]]  # -1 (no GPU) picks the last row
+
+
+def node_fragmentation(snapshot: ClusterSnapshot, rows: np.ndarray, shapes: TypicalShapes) -> np.ndarray:
+    """Expected fragmented GPU capacity (milli-GPU) of each node in `rows` for the typical shapes."""
+    free = snapshot.gpu_free[rows]
+    cpu = snapshot.cpu_free[rows]
+    accessible = _accessible(snapshot, rows, shapes)
+    count, below, idle = _frag_terms(free, cpu, accessible, shapes)
+    return _combine(count, below, idle, cpu, accessible, shapes)
+
+
+def fragmentation_after(
+    snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: TypicalShapes
+) -> np.ndarray:
+    """Fragmentation of each node after hypothetically placing `demand` there.
+
+    Returns float [R, G] for a GPU share (one column per GPU it could go to; inf where it does not fit) and
+    float [R, 1] otherwise (whole GPUs take the lowest-index free GPUs, which never changes which GPUs are
+    partly used, so only counts and idle capacity move).
+    """
+    free = snapshot.gpu_free[rows].astype(np.int64)
+    cpu_after = snapshot.cpu_free[rows] - demand.cpu_milli
+    accessible = _accessible(snapshot, rows, shapes)
+    count, below, idle = _frag_terms(free, cpu_after, accessible, shapes)
+    m = shapes.gpu_milli
+    if demand.gpu_count == 0 or demand.mig_profile:
+        return _combine(count, below, idle, cpu_after, accessible, shapes)[:, None]
+    if demand.gpu_milli >= 1000:
+        taken = demand.gpu_count * 1000
+        # Full GPUs fit every shape (m <= 1000), so each one taken lowers every shape's count by one.
+        result = _combine(count - demand.gpu_count, below, idle - taken, cpu_after, accessible, shapes)
+        return result[:, None]
+    # A share on GPU j changes only GPU j's terms.
+    before = free[:, :, None]  # [R, G, 1]
+    after = before - demand.gpu_milli
+    count_j = count[:, None, :] - (before >= m) + (after >= m)  # [R, G, S]
+    below_j = below[:, None, :] - np.where(before < m, before, 0) + np.where(after < m, after, 0)
+    idle_j = np.broadcast_to((idle - demand.gpu_milli)[:, None], free.shape)
+    frag = _combine(count_j, below_j, idle_j, cpu_after[:, None], accessible[:, None, :], shapes)
+    return np.where(free >= demand.gpu_milli, frag, np.inf)
+
+
+def fragmentation_delta(
+    snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: TypicalShapes
+) -> np.ndarray:
+    """How much each candidate placement increases fragmentation ([R, G] or [R, 1], milli-GPU)."""
+    before = node_fragmentation(snapshot, rows, shapes)
+    return fragmentation_after(snapshot, rows, demand, shapes) - before[:, None]

@@ -1,0 +1,126 @@
+"""Soft preferences among feasible placements. Each scorer returns [R, C] values, higher is better.
+
+Columns are the candidate placements on a node: one per GPU for a GPU share or a MIG instance (the pod goes on
+that GPU), a single column otherwise. Invalid columns are masked by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from policies.demand import Demand, DemandKind
+from policies.feasibility import mig_slots, usable_gpus
+from policies.fragmentation import TypicalShapes, fragmentation_delta
+from policies.inventory import MILLI_PER_GPU
+from policies.mig import MIG_TABLES, free_starts, placement_loss
+from policies.state import MIG_TABLE_NAMES, ClusterSnapshot
+
+
+@dataclass
+class Candidates:
+    """The feasible rows of one decision and which placement columns are valid on each."""
+
+    snapshot: ClusterSnapshot
+    rows: np.ndarray
+    demand: Demand
+    shapes: TypicalShapes
+
+    @cached_property
+    def per_gpu(self) -> bool:
+        return self.demand.kind in (DemandKind.SHARE, DemandKind.MIG)
+
+    @cached_property
+    def valid(self) -> np.ndarray:
+        """bool [R, C]."""
+        if self.demand.kind is DemandKind.SHARE:
+            return usable_gpus(self.snapshot, self.rows, self.demand)
+        if self.demand.kind is DemandKind.MIG:
+            assert self.demand.mig_profile is not None
+            return mig_slots(self.snapshot, self.rows, self.demand.mig_profile)[1]
+        return np.ones((len(self.rows), 1), dtype=bool)
+
+    @cached_property
+    def mig_choice(self) -> tuple[np.ndarray, np.ndarray]:
+        """For a MIG demand: per (row, GPU) the least-loss start slot and its loss (inf where none)."""
+        shape = self.valid.shape
+        starts = np.full(shape, -1, dtype=np.int16)
+        losses = np.full(shape, np.inf)
+        if self.demand.kind is not DemandKind.MIG:
+            return starts, losses
+        tables = self.snapshot.mig_table[self.rows]
+        occupied = self.snapshot.mig_occupied[self.rows]
+        for r, g in zip(*np.nonzero(self.valid), strict=True):
+            table = MIG_TABLE_NAMES[tables[r, g]]
+            profile = MIG_TABLES[table].profile(self.demand.mig_profile or "")
+            assert profile is not None
+            occ = int(occupied[r, g])
+            options = [(placement_loss(table, occ, profile, s), s) for s in free_starts(profile, occ)]
+            losses[r, g], starts[r, g] = min(options)
+        return starts, losses
+
+
+def fragmentation_score(c: Candidates) -> np.ndarray:
+    """Minus the fragmentation a placement adds, in GPUs (FGD's criterion)."""
+    if c.demand.kind is DemandKind.MIG:
+        return np.zeros(c.valid.shape)
+    return -fragmentation_delta(c.snapshot, c.rows, c.demand, c.shapes) / MILLI_PER_GPU
+
+
+def best_fit_score(c: Candidates) -> np.ndarray:
+    """Minus what is left on the node afterwards: CPU and GPU, half each, relative to the largest node."""
+    snap = c.snapshot
+    cpu_left = (snap.cpu_free[c.rows] - c.demand.cpu_milli) / max(int(snap.cpu_total.max(initial=1)), 1)
+    gpu_cap = max(int(snap.gpu_present.sum(axis=1).max(initial=1)), 1) * MILLI_PER_GPU
+    gpu_left = (snap.gpu_free[c.rows].sum(axis=1) - c.demand.gpu_milli_total) / gpu_cap
+    node = -(0.5 * cpu_left + 0.5 * gpu_left)
+    if c.demand.kind is DemandKind.SHARE:
+        # Among GPUs of one node, the tightest fit leaves the largest whole pieces elsewhere.
+        tight = (snap.gpu_free[c.rows] - c.demand.gpu_milli) / MILLI_PER_GPU
+        return node[:, None] - 1e-3 * tight
+    return np.broadcast_to(node[:, None], c.valid.shape)
+
+
+def packing_score(c: Candidates) -> np.ndarray:
+    """2 for a GPU already partly used, 1 for a node already partly used, 0 for an idle node."""
+    snap = c.snapshot
+    free = snap.gpu_free[c.rows]
+    present = snap.gpu_present[c.rows]
+    node_used = ((free < MILLI_PER_GPU) & present).any(axis=1) | (
+        snap.cpu_free[c.rows] < snap.cpu_total[c.rows]
+    )
+    score = np.broadcast_to(node_used[:, None].astype(np.float64), c.valid.shape).copy()
+    if c.demand.kind is DemandKind.SHARE:
+        score += (free < MILLI_PER_GPU) & present
+    return score
+
+
+def mig_fit_score(c: Candidates) -> np.ndarray:
+    """Minus the placeable MIG value a new instance destroys, in units of one compute slice (of 7)."""
+    if c.demand.kind is not DemandKind.MIG:
+        return np.zeros(c.valid.shape)
+    _, losses = c.mig_choice
+    return -np.where(np.isfinite(losses), losses, 0.0)
+
+
+def utilization_score(c: Candidates) -> np.ndarray:
+    """Headroom by measured busy fraction (0..1); nodes without fresh telemetry score neutral (0.5)."""
+    util = c.snapshot.gpu_util[c.rows]
+    if c.per_gpu:
+        headroom = 1.0 - util
+    else:
+        with np.errstate(all="ignore"):
+            headroom = 1.0 - np.nanmean(np.where(c.snapshot.gpu_present[c.rows], util, np.nan), axis=1)
+        headroom = headroom[:, None]
+    return np.broadcast_to(np.nan_to_num(headroom, nan=0.5), c.valid.shape)
+
+
+SCORERS = {
+    "fragmentation": fragmentation_score,
+    "best_fit": best_fit_score,
+    "packing": packing_score,
+    "mig_fit": mig_fit_score,
+    "utilization": utilization_score,
+}

@@ -1,0 +1,233 @@
+"""The cluster as numpy columns: a mutable `ClusterState` and the immutable `ClusterSnapshot` it publishes.
+
+Decisions read a snapshot only. The live model and the simulator both mutate a `ClusterState` through
+`apply`/`release`, which are also the one place that refuses a double booking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+
+import numpy as np
+
+from policies.inventory import MILLI_PER_GPU, Assignment, NodeInventory
+from policies.mig import MIG_TABLES
+
+MAX_GPUS_DEFAULT = 8
+
+
+class ConflictError(Exception):
+    """An assignment asks for capacity that is no longer free (someone else took it first)."""
+
+
+@dataclass(frozen=True, eq=False)
+class ClusterSnapshot:
+    """A consistent, read-only view of every node. Row i of each array is node `names[i]`."""
+
+    generation: int
+    names: tuple[str, ...]
+    index: Mapping[str, int]
+    inventories: tuple[NodeInventory, ...]
+    models: tuple[str, ...]
+    model_id: np.ndarray  # int16 [N], -1 for a node without GPUs
+    cpu_total: np.ndarray  # int64 [N] milli-CPU
+    mem_total: np.ndarray  # int64 [N] MiB
+    cpu_free: np.ndarray
+    mem_free: np.ndarray
+    gpu_present: np.ndarray  # bool [N, G]: a GPU usable whole or shared (not in MIG mode)
+    gpu_free: np.ndarray  # int32 [N, G] milli-GPU free; 0 where no usable GPU
+    gpu_mem_total: np.ndarray  # int32 [N, G] MiB
+    gpu_mem_free: np.ndarray  # int32 [N, G] MiB
+    gpu_util: np.ndarray  # float32 [N, G] measured busy fraction 0..1, NaN where unknown
+    mig_table: np.ndarray  # int8 [N, G] index into MIG_TABLE_NAMES, -1 where the GPU is not in MIG mode
+    mig_occupied: np.ndarray  # uint8 [N, G] bitmask of memory slices held by pods
+    ready: bool = True
+
+    @property
+    def size(self) -> int:
+        return len(self.names)
+
+    def rows(self, names: Iterable[str]) -> tuple[np.ndarray, list[str]]:
+        """Row indices of known names, and the names this snapshot does not know."""
+        rows, unknown = [], []
+        for name in names:
+            i = self.index.get(name)
+            if i is None:
+                unknown.append(name)
+            else:
+                rows.append(i)
+        return np.asarray(rows, dtype=np.int64), unknown
+
+    def gpu_capacity_milli(self) -> int:
+        return int(self.gpu_present.sum()) * MILLI_PER_GPU
+
+    def gpu_allocated_milli(self) -> int:
+        return self.gpu_capacity_milli() - int(self.gpu_free.sum())
+
+
+MIG_TABLE_NAMES: tuple[str, ...] = tuple(MIG_TABLES)
+
+
+class ClusterState:
+    """Mutable columns plus the assignments that produced them. Not thread-safe: one writer owns it."""
+
+    def __init__(self, nodes: Iterable[NodeInventory] = (), max_gpus: int = MAX_GPUS_DEFAULT) -> None:
+        self._max_gpus = max_gpus
+        self._generation = 0
+        self.assignments: dict[str, Assignment] = {}
+        self._build(list(nodes))
+
+    # -- construction ------------------------------------------------------------------------------------
+    def _build(self, nodes: list[NodeInventory]) -> None:
+        n = len(nodes)
+        g = max([self._max_gpus, *(len(node.gpus) for node in nodes)])
+        self._nodes = nodes
+        self._index = {node.name: i for i, node in enumerate(nodes)}
+        models = sorted({gpu.model for node in nodes for gpu in node.gpus})
+        model_pos = {m: i for i, m in enumerate(models)}
+        self._models = tuple(models)
+        self.model_id = np.full(n, -1, dtype=np.int16)
+        self.cpu_total = np.zeros(n, dtype=np.int64)
+        self.mem_total = np.zeros(n, dtype=np.int64)
+        self.gpu_present = np.zeros((n, g), dtype=bool)
+        self.gpu_mem_total = np.zeros((n, g), dtype=np.int32)
+        self.mig_table = np.full((n, g), -1, dtype=np.int8)
+        for i, node in enumerate(nodes):
+            self.cpu_total[i] = node.cpu_milli
+            self.mem_total[i] = node.memory_mib
+            if node.gpus:
+                self.model_id[i] = model_pos[node.gpu_model]
+            for gpu in node.gpus:
+                self.gpu_mem_total[i, gpu.index] = gpu.memory_mib
+                if gpu.mig_table:
+                    self.mig_table[i, gpu.index] = MIG_TABLE_NAMES.index(gpu.mig_table)
+                else:
+                    self.gpu_present[i, gpu.index] = True
+        self.cpu_free = self.cpu_total.copy()
+        self.mem_free = self.mem_total.copy()
+        self.gpu_free = np.where(self.gpu_present, MILLI_PER_GPU, 0).astype(np.int32)
+        self.gpu_mem_free = np.where(self.gpu_present, self.gpu_mem_total, 0).astype(np.int32)
+        self.gpu_util = np.full((n, g), np.nan, dtype=np.float32)
+        self.mig_occupied = np.zeros((n, g), dtype=np.uint8)
+        self._generation += 1
+
+    def set_nodes(self, nodes: Iterable[NodeInventory]) -> list[str]:
+        """Replace the node set, keeping assignments on nodes that still exist. Returns the pod keys dropped."""
+        previous = self.assignments
+        self.assignments = {}
+        self._build(list(nodes))
+        dropped = []
+        for key, assignment in previous.items():
+            try:
+                self.apply(key, assignment)
+            except (ConflictError, KeyError):
+                dropped.append(key)
+        return dropped
+
+    # -- mutation ----------------------------------------------------------------------------------------
+    def apply(self, key: str, assignment: Assignment) -> None:
+        """Record that pod `key` holds `assignment`. Idempotent for the same assignment; refuses overbooking."""
+        existing = self.assignments.get(key)
+        if existing is not None:
+            if existing == assignment:
+                return
+            raise ConflictError(f"pod {key} already holds resources on {existing.node}")
+        i = self._index.get(assignment.node)
+        if i is None:
+            raise KeyError(f"unknown node {assignment.node}")
+        self._check_free(i, assignment)
+        self._change(i, assignment, sign=-1)
+        self.assignments[key] = assignment
+        self._generation += 1
+
+    def release(self, key: str) -> Assignment | None:
+        assignment = self.assignments.pop(key, None)
+        if assignment is not None:
+            i = self._index.get(assignment.node)
+            if i is not None:
+                self._change(i, assignment, sign=+1)
+            self._generation += 1
+        return assignment
+
+    def set_utilization(self, util: np.ndarray) -> None:
+        """Replace measured GPU busy fractions ([N, G], NaN = unknown)."""
+        self.gpu_util = util.astype(np.float32, copy=True)
+        self._generation += 1
+
+    def _check_free(self, i: int, a: Assignment) -> None:
+        gpus = list(a.gpus)
+        if a.cpu_milli > self.cpu_free[i] or a.memory_mib > self.mem_free[i]:
+            raise ConflictError(f"node {a.node} has too little CPU or memory left")
+        for g in gpus:
+            if g >= self.gpu_present.shape[1] or not self.gpu_present[i, g]:
+                raise ConflictError(f"node {a.node} has no shareable GPU {g}")
+            if self.gpu_free[i, g] < a.milli:
+                raise ConflictError(f"GPU {g} on {a.node} has {self.gpu_free[i, g]} milli free, {a.milli} asked")
+            if a.gpu_memory_mib and self.gpu_mem_free[i, g] < a.gpu_memory_mib:
+                raise ConflictError(f"GPU {g} on {a.node} has too little memory free")
+        if a.mig is not None:
+            table_idx = self.mig_table[i, a.mig.gpu]
+            if table_idx < 0:
+                raise ConflictError(f"GPU {a.mig.gpu} on {a.node} is not in MIG mode")
+            profile = MIG_TABLES[MIG_TABLE_NAMES[table_idx]].profile(a.mig.profile)
+            if profile is None or a.mig.start not in profile.starts:
+                raise ConflictError(f"MIG {a.mig.profile} at slot {a.mig.start} is invalid on {a.node}")
+            if int(self.mig_occupied[i, a.mig.gpu]) & profile.mask_at(a.mig.start):
+                raise ConflictError(f"MIG slices of {a.mig.profile}@{a.mig.start} on {a.node} are taken")
+
+    def _change(self, i: int, a: Assignment, sign: int) -> None:
+        self.cpu_free[i] += sign * a.cpu_milli
+        self.mem_free[i] += sign * a.memory_mib
+        for g in a.gpus:
+            self.gpu_free[i, g] += sign * a.milli
+            self.gpu_mem_free[i, g] += sign * a.gpu_memory_mib
+        if a.mig is not None:
+            profile = MIG_TABLES[MIG_TABLE_NAMES[self.mig_table[i, a.mig.gpu]]].profile(a.mig.profile)
+            assert profile is not None
+            self.mig_occupied[i, a.mig.gpu] ^= profile.mask_at(a.mig.start)
+
+    # -- publication -------------------------------------------------------------------------------------
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def nodes(self) -> list[NodeInventory]:
+        return list(self._nodes)
+
+    def view(self) -> ClusterSnapshot:
+        """A snapshot that shares this state's arrays: for a single-threaded caller (the simulator)."""
+        return ClusterSnapshot(
+            generation=self._generation,
+            names=tuple(node.name for node in self._nodes),
+            index=MappingProxyType(self._index),
+            inventories=tuple(self._nodes),
+            models=self._models,
+            model_id=self.model_id,
+            cpu_total=self.cpu_total,
+            mem_total=self.mem_total,
+            cpu_free=self.cpu_free,
+            mem_free=self.mem_free,
+            gpu_present=self.gpu_present,
+            gpu_free=self.gpu_free,
+            gpu_mem_total=self.gpu_mem_total,
+            gpu_mem_free=self.gpu_mem_free,
+            gpu_util=self.gpu_util,
+            mig_table=self.mig_table,
+            mig_occupied=self.mig_occupied,
+        )
+
+    def snapshot(self) -> ClusterSnapshot:
+        """An independent read-only copy, safe to hand to concurrent request handlers."""
+        shared = self.view()
+        copies = {}
+        for name in (
+            "model_id", "cpu_total", "mem_total", "cpu_free", "mem_free", "gpu_present", "gpu_free",
+            "gpu_mem_total", "gpu_mem_free", "gpu_util", "mig_table", "mig_occupied",
+        ):
+            array = getattr(shared, name).copy()
+            array.flags.writeable = False
+            copies[name] = array
+        return replace(shared, index=MappingProxyType(dict(self._index)), **copies)
