@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from policies.inventory import MILLI_PER_GPU
 
 
-class DemandKind(str, Enum):
+class DemandKind(StrEnum):
     NONE = "none"  # no GPU: still shapes fragmentation through CPU and memory
     WHOLE = "whole"  # N dedicated GPUs
     SHARE = "share"  # a fraction of one GPU
     MIG = "mig"  # one MIG instance of a profile
 
 
-class LatencyClass(str, Enum):
+class LatencyClass(StrEnum):
     INTERACTIVE = "interactive"
     BATCH = "batch"
 

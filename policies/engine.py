@@ -131,4 +131,3 @@ def assign(snapshot: ClusterSnapshot, demand: Demand, evaluation: Evaluation, in
     usable = np.flatnonzero(usable_gpus(snapshot, np.array([row]), demand)[0])
     gpus = tuple(int(g) for g in usable[: demand.gpu_count])
     return replace(base, gpus=gpus, milli=MILLI_PER_GPU, gpu_memory_mib=demand.gpu_memory_mib)
-

@@ -90,12 +90,7 @@ def _combine(
     shapes: TypicalShapes,
 ) -> np.ndarray:
     """Weighted fragmentation from the per-shape terms; broadcasts over any leading candidate axes."""
-    fits = (
-        (count >= shapes.gpu_count)
-        & (cpu_free[..., None] >= shapes.cpu_milli)
-        & accessible
-        & (shapes.gpu_milli > 0)
-    )
+    fits = (count >= shapes.gpu_count) & (cpu_free[..., None] >= shapes.cpu_milli) & accessible & (shapes.gpu_milli > 0)
     frag = np.where(fits, below, idle[..., None])
     return frag @ shapes.weight
 

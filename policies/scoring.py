@@ -88,9 +88,7 @@ def packing_score(c: Candidates) -> np.ndarray:
     snap = c.snapshot
     free = snap.gpu_free[c.rows]
     present = snap.gpu_present[c.rows]
-    node_used = ((free < MILLI_PER_GPU) & present).any(axis=1) | (
-        snap.cpu_free[c.rows] < snap.cpu_total[c.rows]
-    )
+    node_used = ((free < MILLI_PER_GPU) & present).any(axis=1) | (snap.cpu_free[c.rows] < snap.cpu_total[c.rows])
     score = np.broadcast_to(node_used[:, None].astype(np.float64), c.valid.shape).copy()
     if c.demand.kind is DemandKind.SHARE:
         score += (free < MILLI_PER_GPU) & present

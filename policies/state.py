@@ -224,8 +224,18 @@ class ClusterState:
         shared = self.view()
         copies = {}
         for name in (
-            "model_id", "cpu_total", "mem_total", "cpu_free", "mem_free", "gpu_present", "gpu_free",
-            "gpu_mem_total", "gpu_mem_free", "gpu_util", "mig_table", "mig_occupied",
+            "model_id",
+            "cpu_total",
+            "mem_total",
+            "cpu_free",
+            "mem_free",
+            "gpu_present",
+            "gpu_free",
+            "gpu_mem_total",
+            "gpu_mem_free",
+            "gpu_util",
+            "mig_table",
+            "mig_occupied",
         ):
             array = getattr(shared, name).copy()
             array.flags.writeable = False
