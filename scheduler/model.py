@@ -1,0 +1,172 @@
+"""The cluster model every verb reads: one writer mutates a `ClusterState`, readers get immutable snapshots.
+
+Feeders (the API-server watches, or a static fleet file) call the mutators; request handlers call `snapshot()`,
+which returns the last published snapshot without taking a lock. Reservations made at bind time hold capacity
+between our decision and the moment the watch shows the bound pod, so two pods never get the same GPU share.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from policies.config import PlacementPolicy
+from policies.demand import Demand
+from policies.fragmentation import TypicalShapes, typical_shapes
+from policies.inventory import Assignment, NodeInventory
+from policies.state import ClusterSnapshot, ClusterState, ConflictError
+
+__all__ = ["ClusterModel", "ConflictError", "Reservation"]
+
+
+@dataclass(frozen=True)
+class Reservation:
+    assignment: Assignment
+    expires_at: float
+
+
+class ClusterModel:
+    """Thread-safe owner of the cluster state. Mutations are short and never do I/O under the lock."""
+
+    def __init__(self, policy: PlacementPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._state = ClusterState()
+        self._clock = clock
+        self._policy = policy
+        self._reservations: dict[str, Reservation] = {}
+        self._observed: dict[str, Demand] = {}  # bound pods' demands, for the typical-shape mix
+        self._ready = False
+        self._shapes = self._compute_shapes()
+        self._snapshot = self._state.snapshot()
+
+    # -- readers (lock-free) -----------------------------------------------------------------------------
+    def snapshot(self) -> ClusterSnapshot:
+        return self._snapshot
+
+    def shapes(self) -> TypicalShapes:
+        return self._shapes
+
+    @property
+    def policy(self) -> PlacementPolicy:
+        return self._policy
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def assignment_of(self, key: str) -> Assignment | None:
+        return self._state.assignments.get(key)
+
+    # -- feeders -----------------------------------------------------------------------------------------
+    def mark_ready(self, ready: bool = True) -> None:
+        self._ready = ready
+
+    def set_policy(self, policy: PlacementPolicy) -> None:
+        with self._lock:
+            self._policy = policy
+            self._shapes = self._compute_shapes()
+
+    def replace_nodes(self, nodes: Iterable[NodeInventory]) -> list[str]:
+        """Swap in a new node set; returns keys of pods whose assignments no longer fit (node gone or shrunk)."""
+        with self._lock:
+            dropped = self._state.set_nodes(nodes)
+            for key in dropped:
+                self._reservations.pop(key, None)
+            self._publish()
+            return dropped
+
+    def replace_pods(self, bound: dict[str, tuple[Assignment, Demand]]) -> list[str]:
+        """Reset every bound pod at once (after a full list). Returns keys that could not be applied."""
+        with self._lock:
+            for key in list(self._state.assignments):
+                if key not in self._reservations:
+                    self._state.release(key)
+            self._observed.clear()
+            failed = [key for key, (a, d) in bound.items() if not self._apply_bound(key, a, d)]
+            self._shapes = self._compute_shapes()
+            self._publish()
+            return failed
+
+    def pod_bound(self, key: str, assignment: Assignment, demand: Demand) -> bool:
+        """The watch saw a bound pod. Confirms our reservation or records someone else's binding."""
+        with self._lock:
+            ok = self._apply_bound(key, assignment, demand)
+            self._publish()
+            return ok
+
+    def pod_gone(self, key: str) -> None:
+        with self._lock:
+            self._reservations.pop(key, None)
+            self._observed.pop(key, None)
+            if self._state.release(key) is not None:
+                self._publish()
+
+    def set_utilization(self, util) -> None:  # type: ignore[no-untyped-def]
+        with self._lock:
+            self._state.set_utilization(util)
+            self._publish()
+
+    # -- bind-time reservations --------------------------------------------------------------------------
+    def reserve(self, key: str, assignment: Assignment) -> None:
+        """Hold `assignment` for pod `key`; raises ConflictError when the capacity is no longer free."""
+        with self._lock:
+            self._expire_locked()
+            self._state.apply(key, assignment)
+            ttl = self._policy.reservations.ttl_seconds
+            self._reservations[key] = Reservation(assignment, self._clock() + ttl)
+            self._publish()
+
+    def unreserve(self, key: str) -> None:
+        """Give back a reservation whose binding failed."""
+        with self._lock:
+            if self._reservations.pop(key, None) is not None:
+                self._state.release(key)
+                self._publish()
+
+    def expire_reservations(self) -> list[str]:
+        with self._lock:
+            expired = self._expire_locked()
+            if expired:
+                self._publish()
+            return expired
+
+    def reservation_count(self) -> int:
+        return len(self._reservations)
+
+    # -- internals ---------------------------------------------------------------------------------------
+    def _apply_bound(self, key: str, assignment: Assignment, demand: Demand) -> bool:
+        self._reservations.pop(key, None)
+        self._observed[key] = demand
+        current = self._state.assignments.get(key)
+        if current == assignment:
+            return True
+        if current is not None:
+            self._state.release(key)
+        try:
+            self._state.apply(key, assignment)
+        except (ConflictError, KeyError):
+            return False
+        return True
+
+    def _expire_locked(self) -> list[str]:
+        now = self._clock()
+        expired = [k for k, r in self._reservations.items() if r.expires_at <= now]
+        for key in expired:
+            del self._reservations[key]
+            self._state.release(key)
+        return expired
+
+    def _compute_shapes(self) -> TypicalShapes:
+        spec = self._policy.typical_shapes
+        observed = [d for d in self._observed.values()]
+        if spec.learn_from_cluster and len(observed) >= spec.min_observed_pods:
+            return typical_shapes(observed, spec.coverage)
+        weighted = []
+        for shape in spec.default:
+            weighted.extend([shape.demand()] * max(1, round(shape.weight * 1000)))
+        return typical_shapes(weighted, coverage=1.0)
+
+    def _publish(self) -> None:
+        self._snapshot = self._state.snapshot()
