@@ -59,6 +59,11 @@ class ClusterModel:
     def assignment_of(self, key: str) -> Assignment | None:
         return self._state.assignments.get(key)
 
+    def assignments(self) -> dict[str, Assignment]:
+        """A copy of every held assignment (bound or reserved), keyed by pod UID."""
+        with self._lock:
+            return dict(self._state.assignments)
+
     # -- feeders -----------------------------------------------------------------------------------------
     def mark_ready(self, ready: bool = True) -> None:
         self._ready = ready

@@ -1,0 +1,100 @@
+"""Wire the service together for `gpu-extender serve`: a static fleet file or a live cluster."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+
+import uvicorn
+
+from extender.app import create_app
+from extender.logs import configure
+from extender.metrics import ExtenderMetrics
+from policies.config import PlacementPolicy, PolicyError
+from scheduler.model import ClusterModel
+from scheduler.policy_reload import PolicyReloader
+from scheduler.service import PlacementService
+
+log = logging.getLogger("gpu_extender.serve")
+
+
+def fleet_service(path: str, policy: PlacementPolicy) -> PlacementService:
+    """A dry-run service over a static fleet: bind records assignments in memory."""
+    from scheduler.binder import MemoryBinder
+    from scheduler.nodes import load_fleet
+
+    model = ClusterModel(policy)
+    model.replace_nodes(load_fleet(path))
+    model.mark_ready()
+    return PlacementService(model, MemoryBinder(), confirm_on_bind=True)
+
+
+def live_service(kubeconfig: str | None, policy: PlacementPolicy) -> tuple[PlacementService, object]:
+    """The production service: watches feed the model, bind writes to the API server."""
+    from kubernetes import client, config
+
+    from scheduler.binder import KubernetesBinder
+    from scheduler.watch import ClusterWatcher
+
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig)
+    else:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+    api = client.ApiClient()
+    model = ClusterModel(policy)
+    watcher = ClusterWatcher(api, model)
+    watcher.start()
+    return PlacementService(model, KubernetesBinder(api)), watcher
+
+
+def _expire_loop(model: ClusterModel, stop: threading.Event, interval: float = 5.0) -> None:
+    while not stop.wait(interval):
+        expired = model.expire_reservations()
+        if expired:
+            log.warning("reservations expired without a binding seen", extra={"pods": expired})
+
+
+def run(args: argparse.Namespace) -> int:
+    configure(args.log_level)
+    reloader = None
+    policy = PlacementPolicy()
+    if args.policy:
+        reloader = PolicyReloader(args.policy)
+        try:
+            policy = reloader.load_initial()
+        except PolicyError as exc:
+            log.error("cannot start with this policy", extra={"error": str(exc)})
+            return 2
+    if args.fleet:
+        service = fleet_service(args.fleet, policy)
+    else:
+        service, _watcher = live_service(args.kubeconfig, policy)
+    metrics = ExtenderMetrics(service.model)
+    if reloader is not None:
+
+        def report(ok: bool) -> None:
+            metrics.policy_reloads.labels("applied" if ok else "invalid").inc()
+            metrics.policy_valid.set(1 if ok else 0)
+
+        reloader.start(apply=service.model.set_policy, report=report)
+    stop = threading.Event()
+    threading.Thread(target=_expire_loop, args=(service.model, stop), daemon=True, name="reservations").start()
+    app = create_app(service, metrics)
+    log.info("serving", extra={"host": args.host, "port": args.port, "mode": "fleet" if args.fleet else "live"})
+    try:
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            access_log=False,
+            ssl_certfile=args.tls_cert,
+            ssl_keyfile=args.tls_key,
+        )
+    finally:
+        stop.set()
+    return 0

@@ -1,0 +1,234 @@
+"""The scheduler's verbs over the cluster model: filter, prioritize, bind, preempt and explain.
+
+This is where a pod and a list of node names meet the decision core; the HTTP layer only translates the wire
+format. Filter and prioritize read one immutable snapshot and do no I/O. Bind reserves capacity in the model
+before it talks to the API server, and gives it back if the binding fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from policies.demand import Demand
+from policies.engine import Evaluation, assign, evaluate, extender_scores
+from policies.feasibility import REASON_TEXT, Reason, is_resolvable
+from policies.inventory import Assignment, NodeInventory
+from policies.state import ClusterState, ConflictError
+from scheduler.annotations import assignment_annotations
+from scheduler.model import ClusterModel
+from scheduler.podspec import demand_from_pod
+
+log = logging.getLogger("gpu_extender.decisions")
+
+UNKNOWN_NODE = "node is not in the GPU extender's inventory (no GPU data yet)"
+
+
+class NotReadyError(RuntimeError):
+    """The cluster view is not complete yet; answering now could double-book."""
+
+
+class BindError(RuntimeError):
+    """A binding that did not happen; the scheduler will retry the pod."""
+
+
+class Binder(Protocol):
+    def bind(self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str]) -> None: ...
+
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class FilterOutcome:
+    passed: list[str]
+    failed: dict[str, str] = field(default_factory=dict)
+    unresolvable: dict[str, str] = field(default_factory=dict)
+    reasons: Counter[str] = field(default_factory=Counter)
+
+
+def pod_uid(pod: Mapping[str, Any]) -> str:
+    metadata = pod.get("metadata") or {}
+    return str(metadata.get("uid") or f"{metadata.get('namespace', 'default')}/{metadata.get('name', '')}")
+
+
+class PlacementService:
+    def __init__(
+        self, model: ClusterModel, binder: Binder, confirm_on_bind: bool = False, demand_cache_size: int = 20_000
+    ) -> None:
+        """`confirm_on_bind`: no watch will report the binding back (a static fleet), so a successful bind is
+        recorded as final at once instead of as a reservation waiting for the watch."""
+        self.model = model
+        self.binder = binder
+        self._confirm_on_bind = confirm_on_bind
+        self._demands: OrderedDict[str, Demand] = OrderedDict()
+        self._demand_cache_size = demand_cache_size
+
+    # -- read-only verbs ---------------------------------------------------------------------------------
+    def demand(self, pod: Mapping[str, Any]) -> Demand:
+        """Parse (and remember, for bind) what a pod asks for. Raises PodSpecError on a malformed pod."""
+        demand = demand_from_pod(dict(pod))
+        uid = pod_uid(pod)
+        self._demands[uid] = demand
+        self._demands.move_to_end(uid)
+        while len(self._demands) > self._demand_cache_size:
+            self._demands.popitem(last=False)
+        return demand
+
+    def _evaluate(self, pod: Mapping[str, Any], names: list[str], score: bool) -> tuple[Evaluation, list[str]]:
+        if not self.model.ready:
+            raise NotReadyError("the GPU extender's cluster view is not ready yet (initial list in progress)")
+        demand = self.demand(pod)
+        snapshot = self.model.snapshot()
+        rows, unknown = snapshot.rows(names)
+        evaluation = evaluate(snapshot, demand, rows, self.model.policy, self.model.shapes(), score=score)
+        return evaluation, unknown
+
+    def filter(self, pod: Mapping[str, Any], names: list[str]) -> FilterOutcome:
+        evaluation, unknown = self._evaluate(pod, names, score=False)
+        snapshot = self.model.snapshot()
+        outcome = FilterOutcome(passed=[])
+        for row, reason_code in zip(evaluation.rows.tolist(), evaluation.reasons.tolist(), strict=True):
+            name = snapshot.names[row]
+            if reason_code == Reason.FITS:
+                outcome.passed.append(name)
+                continue
+            reason = Reason(reason_code)
+            text = REASON_TEXT[reason]
+            (outcome.failed if is_resolvable(reason) else outcome.unresolvable)[name] = text
+            outcome.reasons[text] += 1
+        for name in unknown:
+            outcome.unresolvable[name] = UNKNOWN_NODE
+            outcome.reasons[UNKNOWN_NODE] += 1
+        if outcome.reasons:
+            meta = pod.get("metadata") or {}
+            log.info(
+                "rejected nodes",
+                extra={"pod": f"{meta.get('namespace')}/{meta.get('name')}", "reasons": dict(outcome.reasons)},
+            )
+        return outcome
+
+    def prioritize(self, pod: Mapping[str, Any], names: list[str]) -> list[tuple[str, int]]:
+        evaluation, unknown = self._evaluate(pod, names, score=True)
+        snapshot = self.model.snapshot()
+        scores = extender_scores(evaluation, self.model.policy.extender_scoring.mode)
+        result = [(snapshot.names[r], int(s)) for r, s in zip(evaluation.rows.tolist(), scores.tolist(), strict=True)]
+        result.extend((name, 0) for name in unknown)
+        return result
+
+    def explain(self, pod: Mapping[str, Any], names: list[str] | None = None) -> list[dict[str, Any]]:
+        """Why each node would or would not take the pod: reason, raw score, each scorer's part, placement."""
+        snapshot = self.model.snapshot()
+        names = list(snapshot.names) if names is None else names
+        evaluation, unknown = self._evaluate(pod, names, score=True)
+        demand = self.demand(pod)
+        scores = extender_scores(evaluation, self.model.policy.extender_scoring.mode)
+        out: list[dict[str, Any]] = []
+        for i, row in enumerate(evaluation.rows.tolist()):
+            entry: dict[str, Any] = {
+                "node": snapshot.names[row],
+                "fits": bool(evaluation.feasible[i]),
+                "reason": REASON_TEXT[Reason(int(evaluation.reasons[i]))],
+                "score": int(scores[i]),
+            }
+            if evaluation.feasible[i]:
+                entry["raw"] = float(evaluation.scores[i])
+                entry["components"] = {k: float(v[i]) for k, v in evaluation.components.items()}
+                entry["placement"] = _describe(assign(snapshot, demand, evaluation, i))
+            out.append(entry)
+        out.extend({"node": name, "fits": False, "reason": UNKNOWN_NODE, "score": 0} for name in unknown)
+        out.sort(key=lambda e: (not e["fits"], -e.get("raw", 0.0), e["node"]))
+        return out
+
+    # -- bind --------------------------------------------------------------------------------------------
+    def bind(self, namespace: str, name: str, uid: str, node: str) -> Assignment:
+        """Choose concrete GPUs on `node`, hold them, annotate the pod and create the Binding. Idempotent."""
+        if not self.model.ready:
+            raise BindError("the GPU extender's cluster view is not ready yet")
+        key = uid or f"{namespace}/{name}"
+        existing = self.model.assignment_of(key)
+        if existing is not None:
+            if existing.node != node:
+                raise BindError(f"pod {namespace}/{name} already holds GPUs on {existing.node}, not {node}")
+            assignment = existing  # a retried bind: write the same decision again
+            reserved_now = False
+        else:
+            assignment = self._decide(namespace, name, uid, node)
+            try:
+                self.model.reserve(key, assignment)
+            except ConflictError as exc:
+                raise BindError(f"capacity on {node} changed before binding: {exc}") from exc
+            reserved_now = True
+        snapshot = self.model.snapshot()
+        inventory = snapshot.inventories[snapshot.index[node]]
+        try:
+            self.binder.bind(namespace, name, uid, node, assignment_annotations(assignment, inventory))
+        except Exception as exc:
+            if reserved_now:
+                self.model.unreserve(key)
+            raise BindError(f"binding {namespace}/{name} to {node} failed: {exc}") from exc
+        if self._confirm_on_bind and reserved_now:
+            self.model.pod_bound(key, assignment, self._demands.get(uid) or Demand())
+        return assignment
+
+    def _decide(self, namespace: str, name: str, uid: str, node: str) -> Assignment:
+        demand = self._demands.get(uid)
+        if demand is None:  # we restarted since filter, or another replica filtered: read the pod
+            demand = self.demand(self.binder.get_pod(namespace, name))
+        snapshot = self.model.snapshot()
+        rows, unknown = snapshot.rows([node])
+        if unknown:
+            raise BindError(f"{UNKNOWN_NODE}: {node}")
+        evaluation = evaluate(snapshot, demand, rows, self.model.policy, self.model.shapes())
+        if not evaluation.feasible[0]:
+            reason = REASON_TEXT[Reason(int(evaluation.reasons[0]))]
+            raise BindError(f"pod {namespace}/{name} no longer fits on {node}: {reason}")
+        return assign(snapshot, demand, evaluation, 0)
+
+    # -- preempt -----------------------------------------------------------------------------------------
+    def preempt(self, pod: Mapping[str, Any], candidates: Mapping[str, list[str]]) -> dict[str, list[str]]:
+        """Keep the nodes where evicting the proposed victims really frees what the pod needs on one GPU set,
+        and drop victims whose GPUs the pod would not use. Victims unknown to us are kept (the scheduler chose
+        them for CPU or memory)."""
+        if not self.model.ready:
+            raise NotReadyError("the GPU extender's cluster view is not ready yet")
+        demand = self.demand(pod)
+        snapshot = self.model.snapshot()
+        assignments = self.model.assignments()
+        result: dict[str, list[str]] = {}
+        for node, victims in candidates.items():
+            if node not in snapshot.index:
+                continue
+            on_node = {k: a for k, a in assignments.items() if a.node == node}
+            known = [v for v in victims if v in on_node]
+            if not self._fits_without(snapshot.inventories[snapshot.index[node]], on_node, known, demand):
+                continue
+            needed = list(known)
+            for victim in known:  # greedily spare victims the pod does not need gone
+                trial = [v for v in needed if v != victim]
+                if self._fits_without(snapshot.inventories[snapshot.index[node]], on_node, trial, demand):
+                    needed = trial
+            result[node] = [v for v in victims if v not in on_node or v in needed]
+        return result
+
+    def _fits_without(
+        self, inventory: NodeInventory, on_node: dict[str, Assignment], evicted: list[str], demand: Demand
+    ) -> bool:
+        state = ClusterState([inventory])
+        for key, assignment in on_node.items():
+            if key not in evicted:
+                state.apply(key, assignment)
+        view = state.view()
+        evaluation = evaluate(view, demand, np.array([0]), self.model.policy, self.model.shapes(), score=False)
+        return bool(evaluation.feasible[0])
+
+
+def _describe(a: Assignment) -> dict[str, Any]:
+    out: dict[str, Any] = {"gpus": list(a.gpus), "milli": a.milli}
+    if a.mig is not None:
+        out["mig"] = {"gpu": a.mig.gpu, "profile": a.mig.profile, "start": a.mig.start}
+    return out

@@ -1,0 +1,60 @@
+"""The combined decision: scores, the 0..10 answer for kube-scheduler, and the concrete assignment."""
+
+import numpy as np
+
+from policies.config import PlacementPolicy
+from policies.demand import Demand
+from policies.engine import assign, evaluate, extender_scores
+from policies.fragmentation import typical_shapes
+from policies.inventory import Assignment, MigPlacement
+from policies.state import ClusterState
+from tests.helpers import mig_node, node
+
+POLICY = PlacementPolicy()
+SHARE = Demand(cpu_milli=1000, gpu_count=1, gpu_milli=500)
+WHOLE = Demand(cpu_milli=1000, gpu_count=1, gpu_milli=1000)
+SHAPES = typical_shapes([SHARE, SHARE, WHOLE])
+
+
+def test_share_goes_where_it_completes_a_gpu():
+    state = ClusterState([node("idle", gpus=2), node("half", gpus=2)])
+    state.apply("p", Assignment("half", gpus=(1,), milli=500))
+    snap = state.view()
+    ev = evaluate(snap, SHARE, np.arange(2), POLICY, SHAPES)
+    best = ev.best()
+    assert snap.names[ev.rows[best]] == "half"
+    assert assign(snap, SHARE, ev, best) == Assignment("half", cpu_milli=1000, gpus=(1,), milli=500)
+
+
+def test_extender_scores_have_a_unique_ten_and_zero_for_infeasible():
+    state = ClusterState([node(f"n{i}", gpus=2) for i in range(4)] + [node("cpu")])
+    snap = state.view()
+    ev = evaluate(snap, WHOLE, np.arange(5), POLICY, SHAPES)
+    scores = extender_scores(ev)
+    assert list(scores).count(10) == 1
+    assert scores[4] == 0 and scores.min() >= 0 and scores.max() == 10
+
+
+def test_whole_gpus_take_lowest_free_indices():
+    state = ClusterState([node("a", gpus=4)])
+    state.apply("p", Assignment("a", gpus=(0,), milli=300))
+    snap = state.view()
+    pod = Demand(gpu_count=2, gpu_milli=1000)
+    ev = evaluate(snap, pod, np.arange(1), POLICY, SHAPES)
+    assert assign(snap, pod, ev, 0).gpus == (1, 2)
+
+
+def test_mig_goes_to_the_slot_that_keeps_most_placeable():
+    state = ClusterState([mig_node("m", gpus=2)])
+    state.apply("p", Assignment("m", mig=MigPlacement(1, "4g.40gb", 0)))
+    snap = state.view()
+    pod = Demand(gpu_count=1, gpu_milli=1000, mig_profile="3g.40gb")
+    ev = evaluate(snap, pod, np.arange(1), POLICY, SHAPES)
+    # GPU1 already has a 4g at 0: the 3g completes it at slot 4 with no further loss of large profiles.
+    assert assign(snap, pod, ev, 0).mig == MigPlacement(1, "3g.40gb", 4)
+
+
+def test_unscored_evaluation_only_filters():
+    state = ClusterState([node("a", gpus=1)])
+    ev = evaluate(state.view(), WHOLE, np.arange(1), POLICY, SHAPES, score=False)
+    assert ev.feasible.all() and np.isneginf(ev.scores).all()

@@ -1,0 +1,58 @@
+"""Hard fit and the reasons reported for each rejection."""
+
+import numpy as np
+
+from policies.demand import Demand
+from policies.feasibility import Reason, feasibility, is_resolvable
+from policies.inventory import Assignment, MigPlacement
+from policies.state import ClusterState
+from tests.helpers import mig_node, node
+
+
+def reasons(state: ClusterState, demand: Demand) -> list[Reason]:
+    snap = state.view()
+    return [Reason(r) for r in feasibility(snap, np.arange(snap.size), demand)]
+
+
+def test_whole_gpus_need_fully_free_gpus():
+    state = ClusterState([node("a", gpus=2), node("b", gpus=1), node("c")])
+    state.apply("p", Assignment("a", gpus=(0,), milli=100))
+    two = Demand(gpu_count=2, gpu_milli=1000)
+    assert reasons(state, two) == [Reason.GPUS_BUSY, Reason.TOO_FEW_GPUS, Reason.NO_GPU]
+
+
+def test_share_needs_one_gpu_with_room():
+    state = ClusterState([node("a", gpus=2)])
+    state.apply("p", Assignment("a", gpus=(0,), milli=700))
+    state.apply("q", Assignment("a", gpus=(1,), milli=700))
+    assert reasons(state, Demand(gpu_count=1, gpu_milli=300)) == [Reason.FITS]
+    assert reasons(state, Demand(gpu_count=1, gpu_milli=400)) == [Reason.NO_GPU_SHARE]
+
+
+def test_gpu_model_cpu_and_memory():
+    state = ClusterState([node("t4", gpus=1, model="T4"), node("v", gpus=1, model="V100M16", cpu=1000)])
+    pod = Demand(cpu_milli=2000, gpu_count=1, gpu_milli=1000, allowed_models=frozenset({"V100M16"}))
+    assert reasons(state, pod) == [Reason.GPU_MODEL, Reason.CPU]
+    assert reasons(state, Demand(memory_mib=10**9)) == [Reason.MEMORY, Reason.MEMORY]
+
+
+def test_gpu_memory_request_filters_small_gpus():
+    state = ClusterState([node("a", gpus=1)])  # 16 GiB GPUs
+    assert reasons(state, Demand(gpu_count=1, gpu_milli=500, gpu_memory_mib=20_000)) == [Reason.GPU_MEMORY_TOO_SMALL]
+
+
+def test_mig_profile_availability():
+    state = ClusterState([mig_node("m"), node("t4", gpus=1)])
+    pod = Demand(gpu_count=1, gpu_milli=1000, mig_profile="4g.40gb")
+    assert reasons(state, pod) == [Reason.FITS, Reason.NO_MIG_PROFILE]
+    state.apply("p", Assignment("m", mig=MigPlacement(0, "3g.40gb", 0)))
+    assert reasons(state, pod)[0] == Reason.MIG_SLICES_BUSY
+    assert reasons(state, Demand(gpu_count=1, gpu_milli=1000, mig_profile="3g.40gb"))[0] == Reason.FITS
+
+
+def test_hardware_reasons_are_not_resolvable_by_preemption():
+    assert not is_resolvable(Reason.TOO_FEW_GPUS)
+    assert not is_resolvable(Reason.GPU_MODEL)
+    assert not is_resolvable(Reason.NO_MIG_PROFILE)
+    assert is_resolvable(Reason.GPUS_BUSY)
+    assert is_resolvable(Reason.MIG_SLICES_BUSY)

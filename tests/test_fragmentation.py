@@ -1,0 +1,69 @@
+"""FGD's fragmentation measure on nodes small enough to work out by hand."""
+
+import numpy as np
+import pytest
+
+from policies.demand import Demand
+from policies.fragmentation import fragmentation_delta, node_fragmentation, typical_shapes
+from policies.inventory import Assignment
+from policies.state import ClusterState
+from tests.helpers import node
+
+SHARE = Demand(cpu_milli=1000, gpu_count=1, gpu_milli=500)
+WHOLE = Demand(cpu_milli=1000, gpu_count=1, gpu_milli=1000)
+CPU_ONLY = Demand(cpu_milli=1000)
+
+
+@pytest.fixture
+def shapes():
+    # weights 0.5 / 0.25 / 0.25
+    return typical_shapes([SHARE, SHARE, WHOLE, CPU_ONLY], coverage=1.0)
+
+
+def test_typical_shapes_keep_the_most_common_until_coverage():
+    pods = [SHARE] * 6 + [WHOLE] * 3 + [CPU_ONLY]
+    shapes = typical_shapes(pods, coverage=0.9)
+    assert list(shapes.gpu_milli) == [500, 1000]
+    np.testing.assert_allclose(shapes.weight, [6 / 9, 3 / 9])
+
+
+def test_memory_is_not_part_of_the_shape():
+    pods = [Demand(cpu_milli=1000, memory_mib=m, gpu_count=1, gpu_milli=500) for m in (1, 2, 3)]
+    assert typical_shapes(pods).size == 1
+
+
+def test_fragmentation_by_hand(shapes):
+    # Node a: GPU0 idle, GPU1 has 400 milli left. Node b: both idle but too little CPU for any GPU shape.
+    state = ClusterState([node("a", gpus=2), node("b", gpus=2, cpu=500)])
+    state.apply("p", Assignment("a", gpus=(1,), milli=600))
+    snap = state.view()
+    frag = node_fragmentation(snap, np.arange(2), shapes)
+    # a: share fits (GPU0) -> 400 stranded; whole fits (GPU0) -> 400; CPU-only -> all 1400 idle.
+    #    0.5*400 + 0.25*400 + 0.25*1400 = 650.  b: nothing GPU fits (CPU) -> 2000 for every shape.
+    np.testing.assert_allclose(frag, [650.0, 2000.0])
+
+
+def test_share_placement_prefers_the_gpu_that_strands_least(shapes):
+    state = ClusterState([node("a", gpus=2)])
+    state.apply("p", Assignment("a", gpus=(1,), milli=600))
+    pod = Demand(cpu_milli=0, gpu_count=1, gpu_milli=300)
+    delta = fragmentation_delta(state.view(), np.arange(1), pod, shapes)
+    # On GPU1 (400 -> 100): 0.5*100 + 0.25*100 + 0.25*1100 = 350, delta -300.
+    # On GPU0 (1000 -> 700): share still fits (stranded 400), whole no longer fits (1100 idle), CPU-only 1100:
+    #    0.5*400 + 0.25*1100 + 0.25*1100 = 750, delta +100.
+    np.testing.assert_allclose(delta[0, :2], [100.0, -300.0])
+    assert np.isinf(delta[0, 2:]).all()  # GPUs the node does not have
+
+
+def test_whole_gpu_placement(shapes):
+    state = ClusterState([node("a", gpus=2)])
+    delta = fragmentation_delta(state.view(), np.arange(1), WHOLE, shapes)
+    # Before: everything fits, nothing stranded but CPU-only sees 2000 -> 500.
+    # After one whole GPU: 1000 idle on a full GPU; all shapes fit; CPU-only 1000 -> 250. Delta -250.
+    np.testing.assert_allclose(delta, [[-250.0]])
+
+
+def test_gpu_model_constraint_strands_capacity():
+    shapes = typical_shapes([Demand(gpu_count=1, gpu_milli=1000, allowed_models=frozenset({"V100"}))])
+    state = ClusterState([node("t4", gpus=1, model="T4"), node("v100", gpus=1, model="V100M16")])
+    np.testing.assert_allclose(node_fragmentation(state.view(), np.arange(2), shapes), [1000.0, 0.0])
