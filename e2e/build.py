@@ -184,8 +184,15 @@ def build_kubernetes(out: Path, version: str, log: Log = _stderr) -> None:
     go = find_go(log)
     log(f"building kube-apiserver and kube-scheduler {version} with {go} (first run only, a few minutes)")
     with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
-        go_build(go, GO_MODULE_DIR, ["./cmd/kube-apiserver", "./cmd/kube-scheduler"], Path(tmp),
-                 _ldflags(version), f"kubernetes {version}", log)
+        go_build(
+            go,
+            GO_MODULE_DIR,
+            ["./cmd/kube-apiserver", "./cmd/kube-scheduler"],
+            Path(tmp),
+            _ldflags(version),
+            f"kubernetes {version}",
+            log,
+        )
         for name in ("kube-apiserver", "kube-scheduler"):
             os.replace(Path(tmp) / name, out / name)
 

@@ -6,6 +6,7 @@ never a process found by name.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -107,28 +108,24 @@ def spawn(name: str, argv: Sequence[str], log_path: Path, detached: bool = False
 
 
 def stop(component: Component, grace_s: float = 10.0) -> None:
-    """SIGTERM the component's process group, SIGKILL it after ``grace_s``, and reap it."""
+    """SIGTERM the component's process group, SIGKILL it if still alive after ``grace_s``, and reap it."""
     pgid = component.pid  # leader of its own session, so pgid == pid
     _signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
+    if component.popen is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            component.popen.wait(timeout=grace_s)
     while time.monotonic() < deadline and component.alive():
-        if component.popen is not None:
-            try:
-                component.popen.wait(timeout=0.1)
-            except subprocess.TimeoutExpired:
-                pass
-        else:
-            time.sleep(0.1)
-    _signal_group(pgid, signal.SIGKILL)
+        time.sleep(0.1)
+    if component.alive():
+        _signal_group(pgid, signal.SIGKILL)
     if component.popen is not None:
         component.popen.wait()
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def wait_until(
@@ -158,6 +155,6 @@ def http_ok(url: str, context: ssl.SSLContext | None = None, timeout_s: float = 
     """True when ``url`` answers 200."""
     try:
         with urllib.request.urlopen(url, context=context, timeout=timeout_s) as resp:
-            return resp.status == 200
+            return bool(resp.status == 200)
     except urllib.error.HTTPError:
         return False
