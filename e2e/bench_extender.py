@@ -1,0 +1,159 @@
+"""Latency of the extender's hot path over HTTP, as kube-scheduler would see it.
+
+Serves `gpu-extender serve --fleet` for the openb fleet (1,213 nodes) and a generated fleet of 5,000 nodes,
+fills each to about half its GPU capacity through filter/prioritize/bind, then times filter and prioritize
+calls with 500 and 5,000 candidate node names from the client side on loopback. Prints p50/p99/max per verb
+and the server's peak resident memory.
+
+    python -m e2e.bench_extender [--calls 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from e2e.procs import free_ports
+from e2e.workload import TracePod, pod_manifest, read_openb_pods, shared_data
+
+
+def _generated_fleet(source: Path, size: int, out: Path, seed: int = 7) -> Path:
+    """`size` nodes drawn with replacement from the openb GPU node list, renamed."""
+    rng = random.Random(seed)
+    with open(source, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(out, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for i in range(size):
+            writer.writerow({**rng.choice(rows), "sn": f"gen-node-{i:05d}"})
+    return out
+
+
+def _pod(trace: TracePod) -> dict[str, Any]:
+    pod = pod_manifest(trace, name=f"{trace.name}-{uuid.uuid4().hex[:8]}")
+    pod["metadata"]["uid"] = str(uuid.uuid4())
+    pod.pop("apiVersion"), pod.pop("kind")
+    return pod
+
+
+def _serve(fleet: Path, port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "extender.cli",
+            "serve",
+            "--fleet",
+            str(fleet),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("extender did not become ready")
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _fill(client: httpx.Client, names: list[str], pods: list[TracePod], target: float, rng: random.Random) -> int:
+    """Schedule pods the way kube-scheduler would until `target` of the GPU capacity is allocated."""
+    bound = 0
+    while True:
+        metrics = client.get("/metrics").text
+        values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("gpu_")}
+        if values["gpu_extender_allocated_gpus"] >= target * values["gpu_extender_gpus"]:
+            return bound
+        for _ in range(200):
+            pod = _pod(rng.choice(pods))
+            candidates = rng.sample(names, min(500, len(names)))
+            passed = client.post("/filter", json={"Pod": pod, "Nodes": None, "NodeNames": candidates}).json()
+            if not passed["NodeNames"]:
+                continue
+            scores = client.post("/prioritize", json={"Pod": pod, "Nodes": None, "NodeNames": passed["NodeNames"]})
+            best = max(scores.json(), key=lambda h: h["Score"])["Host"]
+            meta = pod["metadata"]
+            reply = client.post(
+                "/bind",
+                json={"PodName": meta["name"], "PodNamespace": "default", "PodUID": meta["uid"], "Node": best},
+            ).json()
+            bound += not reply["Error"]
+
+
+def _percentiles(samples: list[float]) -> str:
+    ms = np.array(samples) * 1000
+    return f"p50 {np.percentile(ms, 50):6.2f} ms  p99 {np.percentile(ms, 99):6.2f} ms  max {ms.max():6.2f} ms"
+
+
+def bench(fleet: Path, candidates: int, calls: int, pods: list[TracePod], fill: float) -> None:
+    with open(fleet, newline="") as handle:
+        names = [row["sn"] for row in csv.DictReader(handle)]
+    rng = random.Random(42)
+    port = free_ports(1)[0]
+    proc = _serve(fleet, port)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            bound = _fill(client, names, pods, fill, rng)
+            timings: dict[str, list[float]] = {"filter": [], "prioritize": []}
+            for _ in range(calls):
+                pod = _pod(rng.choice(pods))
+                body = {"Pod": pod, "Nodes": None, "NodeNames": rng.sample(names, min(candidates, len(names)))}
+                for verb in ("filter", "prioritize"):
+                    start = time.perf_counter()
+                    response = client.post(f"/{verb}", json=body)
+                    timings[verb].append(time.perf_counter() - start)
+                    response.raise_for_status()
+        print(
+            f"{fleet.name}: {len(names)} nodes, {bound} pods bound first (~{fill:.0%} of GPUs), "
+            f"{candidates} candidate names, {calls} calls"
+        )
+        for verb, samples in timings.items():
+            print(f"  {verb:<10} {_percentiles(samples)}")
+        print(f"  server peak RSS {_peak_rss_mib(proc.pid):.0f} MiB")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=400)
+    parser.add_argument("--fill", type=float, default=0.5, help="share of GPU capacity allocated before timing")
+    args = parser.parse_args(argv)
+    openb = shared_data() / "openb"
+    pods = read_openb_pods(openb / "openb_pod_list_default.csv")
+    with tempfile.TemporaryDirectory() as tmp:
+        big = _generated_fleet(openb / "openb_node_list_gpu_node.csv", 5000, Path(tmp) / "fleet-5000.csv")
+        bench(openb / "openb_node_list_gpu_node.csv", 500, args.calls, pods, args.fill)
+        bench(big, 5000, args.calls, pods, args.fill)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

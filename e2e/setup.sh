@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs everything the demo and the tests need on a fresh Debian machine: the Python package with its test
+# extras, etcd and Prometheus from Debian, and (through e2e.build) kube-apiserver and kube-scheduler from Go modules.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+if ((${#need_apt[@]})); then
+  if [[ $(id -u) -eq 0 ]]; then
+    echo "installing ${need_apt[*]} from Debian" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  else
+    echo "missing ${need_apt[*]}: run 'sudo apt-get install ${need_apt[*]}'" >&2
+    exit 1
+  fi
+fi
+
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+python3 -m e2e.build
