@@ -38,6 +38,8 @@ class Component:
     log_path: Path
     argv: list[str]
     popen: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    """Its main (secure) loopback port, when it has one: metrics and health live there."""
 
     def alive(self) -> bool:
         """True while the process exists and is not a zombie."""
