@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from e2e.procs import free_ports
 from e2e.workload import TracePod, pod_manifest, read_openb_pods, shared_data
@@ -86,8 +87,8 @@ def _fill(client: httpx.Client, names: list[str], pods: list[TracePod], target: 
     """Schedule pods the way kube-scheduler would until `target` of the GPU capacity is allocated."""
     bound = 0
     while True:
-        metrics = client.get("/metrics").text
-        values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("gpu_")}
+        families = text_string_to_metric_families(client.get("/metrics").text)
+        values = {f.name: f.samples[0].value for f in families if f.name.startswith("gpu_extender") and f.samples}
         if values["gpu_extender_allocated_gpus"] >= target * values["gpu_extender_gpus"]:
             return bound
         for _ in range(200):
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--fill", type=float, default=0.5, help="share of GPU capacity allocated before timing")
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress when piped to a file
     openb = shared_data() / "openb"
     pods = read_openb_pods(openb / "openb_pod_list_default.csv")
     with tempfile.TemporaryDirectory() as tmp:
