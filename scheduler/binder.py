@@ -1,0 +1,148 @@
+"""Binding a pod to a node: annotate it with the assignment, then create its `Binding`.
+
+The annotations go first so that whoever sees the pod bound (the device plugin, the node agent, our own watch)
+already sees which GPUs it holds. Both steps are safe to repeat: kube-scheduler retries a failed bind, and a
+binding that already points at the same node counts as done.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from urllib3.exceptions import HTTPError
+
+from scheduler.watch import ApiError, read_json
+
+__all__ = ["BindError", "KubernetesBinder", "MemoryBinder"]
+
+
+class BindError(RuntimeError):
+    """The pod was not bound; the message says why in words a scheduler event can carry."""
+
+
+def _pod_path(namespace: str, name: str) -> str:
+    return f"/api/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(name, safe='')}"
+
+
+class KubernetesBinder:
+    """Binds through the API server with the official client's configuration and credentials."""
+
+    def __init__(self, api_client: Any, timeout_s: float | tuple[float, float] = (5.0, 10.0)) -> None:
+        self._api = api_client
+        self._timeout = timeout_s
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One request; a transport failure becomes a `BindError`, an HTTP error stays an `ApiError` to inspect."""
+        try:
+            return read_json(self._api, method, path, timeout=self._timeout, **kwargs)
+        except (HTTPError, OSError) as exc:
+            raise BindError(f"{method} {path}: API server unreachable: {exc}") from None
+
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
+        """The pod's API JSON (for a bind that arrives before we have seen the pod)."""
+        try:
+            pod = self._call("GET", _pod_path(namespace, name))
+        except ApiError as exc:
+            raise BindError(f"cannot read pod {namespace}/{name}: {exc.message or exc}") from None
+        if not isinstance(pod, dict):
+            raise BindError(f"cannot read pod {namespace}/{name}: unexpected answer")
+        return pod
+
+    def bind(self, namespace: str, name: str, uid: str, node: str, annotations: Mapping[str, str]) -> None:
+        """Annotate, then bind. `uid` guards both steps: a pod recreated under the same name is not touched."""
+        path = _pod_path(namespace, name)
+        if annotations:
+            metadata: dict[str, Any] = {"annotations": dict(annotations)}
+            if uid:
+                metadata["uid"] = uid  # an immutable field: a different stored UID makes the patch fail
+            try:
+                self._call("PATCH", path, body={"metadata": metadata},
+                           headers={"Content-Type": "application/merge-patch+json"})
+            except ApiError as exc:
+                if exc.status == 404:
+                    raise BindError(f"pod {namespace}/{name} no longer exists") from None
+                if exc.status == 422 and "metadata.uid" in exc.message:
+                    raise BindError(f"pod {namespace}/{name} was recreated (scheduled uid {uid})") from None
+                raise BindError(f"annotating pod {namespace}/{name} failed: {exc}") from None
+        binding = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": name, "namespace": namespace, **({"uid": uid} if uid else {})},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+        }
+        try:
+            self._call("POST", f"{path}/binding", body=binding)
+        except ApiError as exc:
+            if exc.status == 409:
+                self._check_already_bound(namespace, name, uid, node, exc)
+                return
+            if exc.status == 404:
+                raise BindError(f"pod {namespace}/{name} no longer exists") from None
+            raise BindError(f"binding pod {namespace}/{name} to {node} failed: {exc}") from None
+
+    def _check_already_bound(self, namespace: str, name: str, uid: str, node: str, exc: ApiError) -> None:
+        """A 409 is success when the same pod is already on the same node (a retried bind), else an error."""
+        pod = self.get_pod(namespace, name)
+        meta = pod.get("metadata") or {}
+        bound_to = (pod.get("spec") or {}).get("nodeName")
+        if uid and meta.get("uid") != uid:
+            raise BindError(f"pod {namespace}/{name} was recreated (uid {meta.get('uid')}, scheduled {uid})")
+        if bound_to == node:
+            return
+        where = f"already bound to {bound_to}" if bound_to else "binding conflict"
+        raise BindError(f"pod {namespace}/{name}: {where}, not {node}: {exc.message}")
+
+
+@dataclass(frozen=True)
+class Bound:
+    node: str
+    uid: str
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+class MemoryBinder:
+    """Bindings kept in memory, for a static fleet and for tests; the same idempotency rules as the API server."""
+
+    def __init__(self, pods: Mapping[str, dict[str, Any]] | None = None) -> None:
+        self.bindings: dict[str, Bound] = {}
+        self._pods: dict[str, dict[str, Any]] = dict(pods or {})
+        self._lock = threading.Lock()
+
+    def add_pod(self, pod: dict[str, Any]) -> None:
+        """Make a pod known to `get_pod` (the static fleet has no API server to read it from)."""
+        meta = pod.get("metadata") or {}
+        with self._lock:
+            self._pods[f"{meta.get('namespace') or 'default'}/{meta.get('name')}"] = pod
+
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
+        key = f"{namespace}/{name}"
+        with self._lock:
+            pod = self._pods.get(key)
+            bound = self.bindings.get(key)
+        if pod is None:
+            raise BindError(f"pod {key} is not known")
+        if bound is None:
+            return pod
+        meta = {**pod.get("metadata", {}), "annotations": {**pod.get("metadata", {}).get("annotations", {}),
+                                                            **bound.annotations}}
+        return {**pod, "metadata": meta, "spec": {**pod.get("spec", {}), "nodeName": bound.node}}
+
+    def bind(self, namespace: str, name: str, uid: str, node: str, annotations: Mapping[str, str]) -> None:
+        key = f"{namespace}/{name}"
+        with self._lock:
+            existing = self.bindings.get(key)
+            if existing is not None:
+                if existing.uid and uid and existing.uid != uid:
+                    raise BindError(f"pod {key} was recreated (uid {existing.uid}, scheduled {uid})")
+                if existing.node != node:
+                    raise BindError(f"pod {key}: already bound to {existing.node}, not {node}")
+            self.bindings[key] = Bound(node, uid, dict(annotations))
+
+    def unbind(self, namespace: str, name: str) -> Bound | None:
+        """Forget a binding (the pod was deleted)."""
+        with self._lock:
+            return self.bindings.pop(f"{namespace}/{name}", None)

@@ -1,0 +1,127 @@
+"""The HTTP layer: bad input gets a clear 4xx, a decision it cannot make gets the protocol's Error, never a 500."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from fastapi.testclient import TestClient
+
+from extender.app import create_app
+from extender.metrics import ExtenderMetrics
+from extender.serve import fleet_service
+from policies.config import PlacementPolicy
+from scheduler.model import ClusterModel
+from scheduler.service import PlacementService
+from tests.test_wire_replay import FLEET, captured
+
+
+@pytest.fixture
+def client() -> TestClient:
+    service = fleet_service(str(FLEET), PlacementPolicy())
+    return TestClient(create_app(service, ExtenderMetrics(service.model)), raise_server_exceptions=False)
+
+
+def gpu_pod(resources: dict[str, str], annotations: dict[str, str] | None = None, uid: str = "u-1") -> dict:
+    pod = copy.deepcopy(captured("filter-001")["Pod"])
+    pod["metadata"]["uid"] = uid
+    pod["metadata"]["annotations"] = annotations or {}
+    pod["spec"]["containers"][0]["resources"] = {"requests": resources, "limits": resources}
+    return pod
+
+
+def filter_args(pod: dict, names: list[str] | None = None) -> dict:
+    return {"Pod": pod, "Nodes": None, "NodeNames": names or ["gpu-a", "gpu-b", "gpu-c", "gpu-p"]}
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"NodeNames": ["a"]}', "Pod: Field required"),
+        (b'{"Pod": {}, "NodeNames": "gpu-a"}', "NodeNames: Input should be a valid list"),
+    ],
+)
+def test_malformed_filter_bodies_get_400(client: TestClient, body: bytes, needle: str) -> None:
+    reply = client.post("/filter", content=body)
+    assert reply.status_code == 400
+    assert needle in reply.json()["Error"]
+
+
+def test_malformed_bind_gets_400(client: TestClient) -> None:
+    reply = client.post("/bind", json={"PodName": "p"})
+    assert reply.status_code == 400 and "PodNamespace" in reply.json()["Error"]
+
+
+def test_unreadable_pod_is_rejected_everywhere_with_the_reason(client: TestClient) -> None:
+    pod = gpu_pod({"nvidia.com/gpu": "1", "gpu-extender.io/gpu-milli": "500"})
+    body = client.post("/filter", json=filter_args(pod)).json()
+    assert body["NodeNames"] == [] and body["Error"] == ""
+    assert set(body["FailedAndUnresolvableNodes"]) == {"gpu-a", "gpu-b", "gpu-c", "gpu-p"}
+    assert "cannot read the pod's request" in body["FailedAndUnresolvableNodes"]["gpu-a"]
+
+
+def test_pod_that_fits_nowhere_is_not_an_error(client: TestClient) -> None:
+    body = client.post("/filter", json=filter_args(gpu_pod({"nvidia.com/gpu": "16"}))).json()
+    assert body["Error"] == "" and body["NodeNames"] == []
+    assert body["FailedAndUnresolvableNodes"]["gpu-b"] == "node has fewer GPUs than requested"
+
+
+def test_unknown_node_names_are_rejected_not_crashed_on(client: TestClient) -> None:
+    body = client.post("/filter", json=filter_args(gpu_pod({"nvidia.com/gpu": "1"}), ["gpu-a", "ghost"])).json()
+    assert body["NodeNames"] == ["gpu-a"]
+    assert "ghost" in body["FailedAndUnresolvableNodes"]
+
+
+def test_gpu_type_constraint(client: TestClient) -> None:
+    pod = gpu_pod({"nvidia.com/gpu": "1"}, {"gpu-extender.io/gpu-types": "A100"})
+    assert client.post("/filter", json=filter_args(pod)).json()["NodeNames"] == ["gpu-a"]
+
+
+def test_not_ready_answers_with_the_protocol_error() -> None:
+    model = ClusterModel(PlacementPolicy())  # never marked ready
+    app = create_app(PlacementService(model, binder=None), ExtenderMetrics(model))  # type: ignore[arg-type]
+    client = TestClient(app)
+    body = client.post("/filter", json=filter_args(gpu_pod({"nvidia.com/gpu": "1"}))).json()
+    assert "not ready" in body["Error"] and body["NodeNames"] == []
+    assert client.get("/readyz").status_code == 503
+    scores = client.post("/prioritize", json=filter_args(gpu_pod({"nvidia.com/gpu": "1"}))).json()
+    assert {s["Score"] for s in scores} == {0}
+
+
+def test_shares_pack_onto_one_gpu_and_never_overbook(client: TestClient) -> None:
+    placed = []
+    for i in range(5):
+        pod = gpu_pod({"gpu-extender.io/gpu-milli": "300"}, uid=f"share-{i}")
+        args = filter_args(pod, ["gpu-p"])
+        passed = client.post("/filter", json=args).json()["NodeNames"]
+        if not passed:
+            placed.append(None)
+            continue
+        reply = client.post(
+            "/bind", json={"PodName": f"s{i}", "PodNamespace": "default", "PodUID": f"share-{i}", "Node": "gpu-p"}
+        ).json()
+        assert reply == {"Error": ""}
+        placed.append(client.app.state.service.model.assignment_of(f"share-{i}").gpus)
+    # 3 x 300 on GPU 0 (900), then GPU 1; a GPU is never above 1000.
+    assert placed[:3] == [(0,), (0,), (0,)] and placed[3] == (1,)
+    snapshot = client.app.state.service.model.snapshot()
+    assert (snapshot.gpu_free >= 0).all()
+
+
+def test_explain_lists_every_node_with_its_reason(client: TestClient) -> None:
+    pod = gpu_pod({"nvidia.com/gpu": "4"}, {"gpu-extender.io/gpu-types": "H100"})
+    nodes = client.post("/explain", json={"Pod": pod}).json()["nodes"]
+    verdicts = {n["node"]: n for n in nodes}
+    assert verdicts["gpu-a"]["reason"] == "GPU model not allowed by the pod"
+    assert verdicts["gpu-b"]["fits"] and "fragmentation" in verdicts["gpu-b"]["components"]
+    assert verdicts["gpu-b"]["placement"]["gpus"] == [0, 1, 2, 3]
+
+
+def test_metrics_expose_latency_and_fleet(client: TestClient) -> None:
+    client.post("/filter", json=filter_args(gpu_pod({"nvidia.com/gpu": "16"})))
+    text = client.get("/metrics").text
+    assert 'gpu_extender_request_duration_seconds_count{verb="filter"} 1.0' in text
+    assert 'gpu_extender_rejections_total{reason="node has fewer GPUs than requested"} 4.0' in text
+    assert "gpu_extender_gpus 22.0" in text
