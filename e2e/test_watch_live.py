@@ -15,8 +15,9 @@ from policies.config import PlacementPolicy
 from policies.inventory import Assignment, MigPlacement
 from scheduler.annotations import GPU_INVENTORY, assignment_annotations
 from scheduler.binder import BindError, KubernetesBinder
+from scheduler.kubeapi import read_json
 from scheduler.model import ClusterModel
-from scheduler.watch import ClusterWatcher, read_json
+from scheduler.watch import ClusterWatcher
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from policies.fragmentation import node_fragmentation
@@ -46,8 +46,28 @@ class FleetCollector(Collector):
         )
 
 
+class WatchCollector(Collector):
+    """The cluster watch's counters (lists, relists, reconnects, events, conflicts) at scrape time."""
+
+    COUNTERS = ("lists", "relists", "watch_restarts", "reconnects", "events", "bookmarks", "conflicts", "unreadable")
+    GAUGES = ("unknown_gpu_pods", "invalid_pods")
+
+    def __init__(self, stats: object) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        for name in self.COUNTERS:
+            yield CounterMetricFamily(
+                f"gpu_extender_watch_{name}", f"Cluster watch: {name}", getattr(self._stats, name)
+            )
+        for name in self.GAUGES:
+            yield GaugeMetricFamily(f"gpu_extender_watch_{name}", f"Cluster watch: {name}", getattr(self._stats, name))
+
+
 class ExtenderMetrics:
-    def __init__(self, model: ClusterModel, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, model: ClusterModel, registry: CollectorRegistry | None = None, watch_stats: object | None = None
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         self.latency = Histogram(
             "gpu_extender_request_duration_seconds",
@@ -75,3 +95,5 @@ class ExtenderMetrics:
         )
         self.policy_valid.set(1)
         self.registry.register(FleetCollector(model))
+        if watch_stats is not None:
+            self.registry.register(WatchCollector(watch_stats))

@@ -15,6 +15,7 @@ from policies.config import PlacementPolicy, PolicyError
 from scheduler.model import ClusterModel
 from scheduler.policy_reload import PolicyReloader
 from scheduler.service import PlacementService
+from scheduler.watch import ClusterWatcher
 
 log = logging.getLogger("gpu_extender.serve")
 
@@ -30,12 +31,11 @@ def fleet_service(path: str, policy: PlacementPolicy) -> PlacementService:
     return PlacementService(model, MemoryBinder(), confirm_on_bind=True)
 
 
-def live_service(kubeconfig: str | None, policy: PlacementPolicy) -> tuple[PlacementService, object]:
+def live_service(kubeconfig: str | None, policy: PlacementPolicy) -> tuple[PlacementService, ClusterWatcher]:
     """The production service: watches feed the model, bind writes to the API server."""
     from kubernetes import client, config
 
     from scheduler.binder import KubernetesBinder
-    from scheduler.watch import ClusterWatcher
 
     if kubeconfig:
         config.load_kube_config(config_file=kubeconfig)
@@ -69,11 +69,12 @@ def run(args: argparse.Namespace) -> int:
         except PolicyError as exc:
             log.error("cannot start with this policy", extra={"error": str(exc)})
             return 2
+    watcher: ClusterWatcher | None = None
     if args.fleet:
         service = fleet_service(args.fleet, policy)
     else:
-        service, _watcher = live_service(args.kubeconfig, policy)
-    metrics = ExtenderMetrics(service.model)
+        service, watcher = live_service(args.kubeconfig, policy)
+    metrics = ExtenderMetrics(service.model, watch_stats=watcher.stats if watcher else None)
     if reloader is not None:
 
         def report(ok: bool) -> None:
@@ -97,4 +98,8 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         stop.set()
+        if reloader is not None:
+            reloader.stop()
+        if watcher is not None:
+            watcher.stop()
     return 0

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from urllib3.exceptions import HTTPError
 
-from scheduler.watch import ApiError, read_json
+from scheduler.kubeapi import ApiError, read_json
 
 __all__ = ["BindError", "KubernetesBinder", "MemoryBinder"]
 

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from policies.config import PlacementPolicy
-from policies.demand import Demand
+from policies.demand import Demand, DemandKind
+from policies.engine import assign, evaluate
 from policies.fragmentation import TypicalShapes, typical_shapes
 from policies.inventory import Assignment, NodeInventory
 from policies.state import ClusterSnapshot, ClusterState, ConflictError
@@ -101,6 +102,18 @@ class ClusterModel:
             self._publish()
             return ok
 
+    def apply_pod_events(self, bound: dict[str, tuple[Assignment, Demand]], gone: list[str]) -> list[str]:
+        """A batch of watch events under one lock and one publication: releases first, so capacity freed in the
+        batch is free for the bindings that follow. Returns the keys of bindings that could not be applied."""
+        with self._lock:
+            for key in gone:
+                self._reservations.pop(key, None)
+                self._observed.pop(key, None)
+                self._state.release(key)
+            failed = [key for key, (a, d) in bound.items() if not self._apply_bound(key, a, d)]
+            self._publish()
+            return failed
+
     def pod_gone(self, key: str) -> None:
         with self._lock:
             self._reservations.pop(key, None)
@@ -148,12 +161,28 @@ class ClusterModel:
         if current == assignment:
             return True
         if current is not None:
+            if _gpus_unplaced(assignment, demand) and current.node == assignment.node:
+                return True  # keep the placement we chose for it earlier
             self._state.release(key)
         try:
+            if _gpus_unplaced(assignment, demand):
+                assignment = self._place_unannotated(assignment, demand)
             self._state.apply(key, assignment)
-        except (ConflictError, KeyError):
+        except (ConflictError, KeyError, ValueError):
             return False
         return True
+
+    def _place_unannotated(self, assignment: Assignment, demand: Demand) -> Assignment:
+        """A pod bound without our assignment record (another scheduler placed it) still holds GPUs: we do not
+        know which, so we charge the ones our own policy would have picked. The count is what matters."""
+        view = self._state.view()
+        rows, unknown = view.rows([assignment.node])
+        if unknown:
+            raise KeyError(assignment.node)
+        evaluation = evaluate(view, demand, rows, self._policy, self._shapes)
+        if not evaluation.feasible[0]:
+            raise ConflictError(f"no room left on {assignment.node} for a pod placed there by someone else")
+        return assign(view, demand, evaluation, 0)
 
     def _expire_locked(self) -> list[str]:
         now = self._clock()
@@ -175,3 +204,7 @@ class ClusterModel:
 
     def _publish(self) -> None:
         self._snapshot = self._state.snapshot()
+
+
+def _gpus_unplaced(assignment: Assignment, demand: Demand) -> bool:
+    return demand.kind is not DemandKind.NONE and not assignment.gpus and assignment.mig is None

@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
+from e2e.workload import shared_data
 from scheduler.annotations import GPU_INVENTORY
 from scheduler.nodes import inventory_from_node, inventory_from_openb_row, load_fleet, node_schedulable
 
-OPENB = Path("/work/shared/data/openb/openb_node_list_gpu_node.csv")
+OPENB = shared_data() / "openb" / "openb_node_list_gpu_node.csv"
 WIRE_FLEET = Path(__file__).parent / "data" / "wire-fleet.yaml"
 
 

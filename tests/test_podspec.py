@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from e2e.workload import shared_data
 from policies.demand import DemandKind, LatencyClass
 from scheduler.podspec import (
     ANNOTATION_GPU_MEMORY,
@@ -25,7 +25,7 @@ from scheduler.podspec import (
 )
 from scheduler.quantity import parse_quantity, to_count, to_mib, to_milli
 
-WIRE = Path("/work/shared/wire")
+WIRE = shared_data().parent / "wire"
 
 
 # -- quantities ----------------------------------------------------------------------------------------

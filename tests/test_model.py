@@ -1,0 +1,73 @@
+"""The cluster model: reservations between bind and watch, batches from the watch, foreign pods."""
+
+from __future__ import annotations
+
+import pytest
+
+from policies.config import PlacementPolicy
+from policies.demand import Demand
+from policies.inventory import Assignment
+from scheduler.model import ClusterModel, ConflictError
+from tests.helpers import node
+
+WHOLE = Demand(cpu_milli=1000, gpu_count=1, gpu_milli=1000)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def model(clock: Clock) -> ClusterModel:
+    model = ClusterModel(PlacementPolicy(), clock=clock)
+    model.replace_nodes([node("a", gpus=2)])
+    model.mark_ready()
+    return model
+
+
+def test_reservation_blocks_the_share_until_released(model: ClusterModel) -> None:
+    model.reserve("p", Assignment("a", gpus=(0,), milli=700))
+    with pytest.raises(ConflictError):
+        model.reserve("q", Assignment("a", gpus=(0,), milli=400))
+    assert model.snapshot().gpu_free[0, 0] == 300
+    model.unreserve("p")
+    model.reserve("q", Assignment("a", gpus=(0,), milli=400))
+
+
+def test_reservation_expires_unless_the_watch_confirms_it(model: ClusterModel, clock: Clock) -> None:
+    ttl = PlacementPolicy().reservations.ttl_seconds
+    model.reserve("p", Assignment("a", gpus=(0,), milli=1000))
+    model.reserve("q", Assignment("a", gpus=(1,), milli=1000))
+    model.pod_bound("q", Assignment("a", gpus=(1,), milli=1000), WHOLE)  # the watch saw q's binding
+    clock.now = ttl + 1
+    assert model.expire_reservations() == ["p"]
+    assert model.snapshot().gpu_free[0, :2].tolist() == [1000, 0]
+
+
+def test_relist_keeps_reservations_the_watch_has_not_shown_yet(model: ClusterModel) -> None:
+    model.reserve("p", Assignment("a", gpus=(0,), milli=1000))
+    model.replace_pods({"old": (Assignment("a", gpus=(1,), milli=500), WHOLE)})
+    assert model.snapshot().gpu_free[0, :2].tolist() == [0, 500]
+
+
+def test_batch_releases_before_it_binds(model: ClusterModel) -> None:
+    model.pod_bound("old", Assignment("a", gpus=(0,), milli=1000), WHOLE)
+    failed = model.apply_pod_events({"new": (Assignment("a", gpus=(0,), milli=1000), WHOLE)}, gone=["old"])
+    assert failed == []
+    assert model.assignment_of("new") is not None and model.assignment_of("old") is None
+
+
+def test_pod_bound_by_someone_else_still_holds_gpus(model: ClusterModel) -> None:
+    two = Demand(cpu_milli=1000, gpu_count=2, gpu_milli=1000)
+    assert model.pod_bound("foreign", Assignment("a", cpu_milli=1000), two)  # no assignment record on it
+    assert model.snapshot().gpu_free[0, :2].tolist() == [0, 0]
+    assert not model.pod_bound("another", Assignment("a", cpu_milli=1000), WHOLE)  # nothing left: a conflict
