@@ -7,7 +7,7 @@ from enum import IntEnum
 import numpy as np
 
 from policies.demand import Demand, DemandKind, model_allowed
-from policies.mig import MIG_TABLES
+from policies.mig import MIG_TABLES, free_starts
 from policies.state import MIG_TABLE_NAMES, ClusterSnapshot
 
 
@@ -56,8 +56,22 @@ def model_mask(snapshot: ClusterSnapshot, demand: Demand) -> np.ndarray:
     return np.array([*allowed, False], dtype=bool)
 
 
+def mig_starts(snapshot: ClusterSnapshot, row: int, gpu: int, profile: str) -> list[int]:
+    """Start slots where an instance of `profile` can go now: a free existing instance on a GPU with a static
+    layout, else any free slot the placement rules allow."""
+    table = snapshot.mig_table[row, gpu]
+    spec = MIG_TABLES[MIG_TABLE_NAMES[table]].profile(profile) if table >= 0 else None
+    if spec is None:
+        return []
+    occupied = int(snapshot.mig_occupied[row, gpu])
+    layout = snapshot.mig_layout.get((row, gpu))
+    if layout is None:
+        return free_starts(spec, occupied)
+    return [start for name, start in layout if name == profile and not spec.mask_at(start) & occupied]
+
+
 def mig_slots(snapshot: ClusterSnapshot, rows: np.ndarray, profile: str) -> tuple[np.ndarray, np.ndarray]:
-    """For each (row, GPU): whether the GPU knows `profile`, and whether a free start slot exists for it."""
+    """For each (row, GPU): whether the GPU can host `profile` at all, and whether it can host one now."""
     tables = snapshot.mig_table[rows]
     occupied = snapshot.mig_occupied[rows]
     known = np.zeros(tables.shape, dtype=bool)
@@ -72,6 +86,13 @@ def mig_slots(snapshot: ClusterSnapshot, rows: np.ndarray, profile: str) -> tupl
         for start in p.starts:
             has_room |= (occupied & p.mask_at(start)) == 0
         free |= on_table & has_room
+    if snapshot.mig_layout:
+        position = {int(r): i for i, r in enumerate(rows)}
+        for (row, gpu), layout in snapshot.mig_layout.items():
+            i = position.get(row)
+            if i is not None:
+                known[i, gpu] = any(name == profile for name, _ in layout)
+                free[i, gpu] = bool(mig_starts(snapshot, row, gpu, profile))
     return known, free
 
 

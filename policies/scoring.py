@@ -12,10 +12,10 @@ from functools import cached_property
 import numpy as np
 
 from policies.demand import Demand, DemandKind
-from policies.feasibility import mig_slots, usable_gpus
+from policies.feasibility import mig_slots, mig_starts, usable_gpus
 from policies.fragmentation import TypicalShapes, fragmentation_delta
 from policies.inventory import MILLI_PER_GPU
-from policies.mig import MIG_TABLES, free_starts, placement_loss
+from policies.mig import MIG_TABLES, placement_loss
 from policies.state import MIG_TABLE_NAMES, ClusterSnapshot
 
 
@@ -50,14 +50,14 @@ class Candidates:
         losses = np.full(shape, np.inf)
         if self.demand.kind is not DemandKind.MIG:
             return starts, losses
-        tables = self.snapshot.mig_table[self.rows]
-        occupied = self.snapshot.mig_occupied[self.rows]
+        name = self.demand.mig_profile or ""
         for r, g in zip(*np.nonzero(self.valid), strict=True):
-            table = MIG_TABLE_NAMES[tables[r, g]]
-            profile = MIG_TABLES[table].profile(self.demand.mig_profile or "")
+            row = int(self.rows[r])
+            table = MIG_TABLE_NAMES[self.snapshot.mig_table[row, g]]
+            profile = MIG_TABLES[table].profile(name)
             assert profile is not None
-            occ = int(occupied[r, g])
-            options = [(placement_loss(table, occ, profile, s), s) for s in free_starts(profile, occ)]
+            occ = int(self.snapshot.mig_occupied[row, g])
+            options = [(placement_loss(table, occ, profile, s), s) for s in mig_starts(self.snapshot, row, g, name)]
             losses[r, g], starts[r, g] = min(options)
         return starts, losses
 

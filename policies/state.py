@@ -7,7 +7,7 @@ Decisions read a snapshot only. The live model and the simulator both mutate a `
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import numpy as np
@@ -43,6 +43,9 @@ class ClusterSnapshot:
     gpu_util: np.ndarray  # float32 [N, G] measured busy fraction 0..1, NaN where unknown
     mig_table: np.ndarray  # int8 [N, G] index into MIG_TABLE_NAMES, -1 where the GPU is not in MIG mode
     mig_occupied: np.ndarray  # uint8 [N, G] bitmask of memory slices held by pods
+    # GPUs whose MIG instances already exist (a static layout): (row, gpu) -> ((profile, start), ...). A pod can
+    # only take one of these; GPUs not listed here are carved on demand.
+    mig_layout: Mapping[tuple[int, int], tuple[tuple[str, int], ...]] = field(default_factory=dict)
     ready: bool = True
 
     @property
@@ -94,6 +97,7 @@ class ClusterState:
         self.gpu_present = np.zeros((n, g), dtype=bool)
         self.gpu_mem_total = np.zeros((n, g), dtype=np.int32)
         self.mig_table = np.full((n, g), -1, dtype=np.int8)
+        self._mig_layout: dict[tuple[int, int], tuple[tuple[str, int], ...]] = {}
         for i, node in enumerate(nodes):
             self.cpu_total[i] = node.cpu_milli
             self.mem_total[i] = node.memory_mib
@@ -103,6 +107,8 @@ class ClusterState:
                 self.gpu_mem_total[i, gpu.index] = gpu.memory_mib
                 if gpu.mig_table:
                     self.mig_table[i, gpu.index] = MIG_TABLE_NAMES.index(gpu.mig_table)
+                    if gpu.mig_instances:
+                        self._mig_layout[i, gpu.index] = tuple((m.profile, m.start) for m in gpu.mig_instances)
                 else:
                     self.gpu_present[i, gpu.index] = True
         self.cpu_free = self.cpu_total.copy()
@@ -174,6 +180,9 @@ class ClusterState:
             profile = MIG_TABLES[MIG_TABLE_NAMES[table_idx]].profile(a.mig.profile)
             if profile is None or a.mig.start not in profile.starts:
                 raise ConflictError(f"MIG {a.mig.profile} at slot {a.mig.start} is invalid on {a.node}")
+            layout = self._mig_layout.get((i, a.mig.gpu))
+            if layout is not None and (a.mig.profile, a.mig.start) not in layout:
+                raise ConflictError(f"no MIG instance {a.mig.profile}@{a.mig.start} exists on {a.node}")
             if int(self.mig_occupied[i, a.mig.gpu]) & profile.mask_at(a.mig.start):
                 raise ConflictError(f"MIG slices of {a.mig.profile}@{a.mig.start} on {a.node} are taken")
 
@@ -217,6 +226,7 @@ class ClusterState:
             gpu_util=self.gpu_util,
             mig_table=self.mig_table,
             mig_occupied=self.mig_occupied,
+            mig_layout=MappingProxyType(self._mig_layout),
         )
 
     def snapshot(self) -> ClusterSnapshot:

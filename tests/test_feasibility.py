@@ -4,7 +4,7 @@ import numpy as np
 
 from policies.demand import Demand
 from policies.feasibility import Reason, feasibility, is_resolvable
-from policies.inventory import Assignment, MigPlacement
+from policies.inventory import Assignment, GpuDevice, MigInstance, MigPlacement, NodeInventory
 from policies.state import ClusterState
 from tests.helpers import mig_node, node
 
@@ -56,3 +56,15 @@ def test_hardware_reasons_are_not_resolvable_by_preemption():
     assert not is_resolvable(Reason.NO_MIG_PROFILE)
     assert is_resolvable(Reason.GPUS_BUSY)
     assert is_resolvable(Reason.MIG_SLICES_BUSY)
+
+
+def test_static_mig_layout_offers_only_existing_instances():
+    layout = (MigInstance("3g.40gb", 0), MigInstance("3g.40gb", 4))
+    gpu = GpuDevice(0, "NVIDIA-H100-80GB-HBM3", 81_920, mig_table="H100-80GB", mig_instances=layout)
+    state = ClusterState([NodeInventory("m", 64_000, 262_144, (gpu,))])
+    three, four = (Demand(mig_profile=p) for p in ("3g.40gb", "4g.40gb"))
+    assert reasons(state, four) == [Reason.NO_MIG_PROFILE]  # slices are free, but no such instance exists
+    state.apply("p", Assignment("m", mig=MigPlacement(0, "3g.40gb", 0)))
+    assert reasons(state, three) == [Reason.FITS]
+    state.apply("q", Assignment("m", mig=MigPlacement(0, "3g.40gb", 4)))
+    assert reasons(state, three) == [Reason.MIG_SLICES_BUSY]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from policies.inventory import Assignment, MigPlacement
+from policies.inventory import Assignment, GpuDevice, MigInstance, MigPlacement, NodeInventory
 from policies.state import ClusterState, ConflictError
 from tests.helpers import mig_node, node
 
@@ -54,3 +54,13 @@ def test_set_nodes_keeps_assignments_that_still_fit():
     dropped = state.set_nodes([node("a", gpus=2), node("c", gpus=1)])
     assert dropped == ["q"]
     assert np.array_equal(state.gpu_free[0, :2], [1000, 0])
+
+
+def test_static_mig_layout_refuses_instances_that_do_not_exist():
+    gpu = GpuDevice(
+        0, "NVIDIA-H100-80GB-HBM3", 81_920, mig_table="H100-80GB", mig_instances=(MigInstance("1g.10gb", 0),)
+    )
+    state = ClusterState([NodeInventory("m", 64_000, 262_144, (gpu,))])
+    with pytest.raises(ConflictError, match="no MIG instance"):
+        state.apply("p", Assignment("m", mig=MigPlacement(0, "1g.10gb", 1)))
+    state.apply("p", Assignment("m", mig=MigPlacement(0, "1g.10gb", 0)))
