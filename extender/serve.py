@@ -51,8 +51,10 @@ def live_service(kubeconfig: str | None, policy: PlacementPolicy) -> tuple[Place
     return PlacementService(model, KubernetesBinder(api)), watcher
 
 
-def _expire_loop(model: ClusterModel, stop: threading.Event, interval: float = 5.0) -> None:
+def _housekeeping(model: ClusterModel, stop: threading.Event, interval: float = 5.0) -> None:
+    """Expire reservations the watch never confirmed, and follow the cluster's pod mix."""
     while not stop.wait(interval):
+        model.refresh_shapes()
         expired = model.expire_reservations()
         if expired:
             log.warning("reservations expired without a binding seen", extra={"pods": expired})
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
         reloader.start(apply=service.model.set_policy, report=report)
     stop = threading.Event()
-    threading.Thread(target=_expire_loop, args=(service.model, stop), daemon=True, name="reservations").start()
+    threading.Thread(target=_housekeeping, args=(service.model, stop), daemon=True, name="housekeeping").start()
     app = create_app(service, metrics)
     log.info("serving", extra={"host": args.host, "port": args.port, "mode": "fleet" if args.fleet else "live"})
     try:

@@ -143,6 +143,11 @@ class ClusterModel:
                 self._state.release(key)
                 self._publish()
 
+    def refresh_shapes(self) -> None:
+        """Re-learn the typical pod shapes from the pods bound now (cheap; call every few seconds)."""
+        with self._lock:
+            self._shapes = self._compute_shapes()
+
     def expire_reservations(self) -> list[str]:
         with self._lock:
             expired = self._expire_locked()
