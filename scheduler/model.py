@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from policies.config import PlacementPolicy
 from policies.demand import Demand, DemandKind
@@ -38,6 +38,7 @@ class ClusterModel:
         self._policy = policy
         self._reservations: dict[str, Reservation] = {}
         self._observed: dict[str, Demand] = {}  # bound pods' demands, for the typical-shape mix
+        self._guessed: dict[str, Demand] = {}  # pods bound without our record, whose GPUs we chose ourselves
         self._ready = False
         self._shapes = self._compute_shapes()
         self._snapshot = self._state.snapshot()
@@ -88,9 +89,8 @@ class ClusterModel:
         with self._lock:
             for key in list(self._state.assignments):
                 if key not in self._reservations:
-                    self._state.release(key)
-            self._observed.clear()
-            failed = [key for key, (a, d) in bound.items() if not self._apply_bound(key, a, d)]
+                    self._forget(key)
+            failed = self._apply_all_bound(bound)
             self._shapes = self._compute_shapes()
             self._publish()
             return failed
@@ -107,18 +107,14 @@ class ClusterModel:
         batch is free for the bindings that follow. Returns the keys of bindings that could not be applied."""
         with self._lock:
             for key in gone:
-                self._reservations.pop(key, None)
-                self._observed.pop(key, None)
-                self._state.release(key)
-            failed = [key for key, (a, d) in bound.items() if not self._apply_bound(key, a, d)]
+                self._forget(key)
+            failed = self._apply_all_bound(bound)
             self._publish()
             return failed
 
     def pod_gone(self, key: str) -> None:
         with self._lock:
-            self._reservations.pop(key, None)
-            self._observed.pop(key, None)
-            if self._state.release(key) is not None:
+            if self._forget(key):
                 self._publish()
 
     def set_utilization(self, util) -> None:  # type: ignore[no-untyped-def]
@@ -159,6 +155,18 @@ class ClusterModel:
         return len(self._reservations)
 
     # -- internals ---------------------------------------------------------------------------------------
+    def _forget(self, key: str) -> bool:
+        """Drop every trace of a pod; True if it held resources."""
+        self._reservations.pop(key, None)
+        self._observed.pop(key, None)
+        self._guessed.pop(key, None)
+        return self._state.release(key) is not None
+
+    def _apply_all_bound(self, bound: dict[str, tuple[Assignment, Demand]]) -> list[str]:
+        """Pods whose GPUs are recorded first: a guess for an unrecorded pod must not take their GPUs."""
+        order = sorted(bound.items(), key=lambda item: _gpus_unplaced(*item[1]))
+        return [key for key, (a, d) in order if not self._apply_bound(key, a, d)]
+
     def _apply_bound(self, key: str, assignment: Assignment, demand: Demand) -> bool:
         self._reservations.pop(key, None)
         self._observed[key] = demand
@@ -169,13 +177,37 @@ class ClusterModel:
             if _gpus_unplaced(assignment, demand) and current.node == assignment.node:
                 return True  # keep the placement we chose for it earlier
             self._state.release(key)
+        unplaced = _gpus_unplaced(assignment, demand)
         try:
-            if _gpus_unplaced(assignment, demand):
+            if unplaced:
                 assignment = self._place_unannotated(assignment, demand)
+                self._guessed[key] = demand
             self._state.apply(key, assignment)
-        except (ConflictError, KeyError, ValueError):
+        except ConflictError:
+            if unplaced:  # no room left to guess: count what we know it holds
+                self._state.apply(key, replace(assignment, gpus=(), milli=0, mig=None))
+                return True
+            return self._make_room_for(key, assignment)
+        except (KeyError, ValueError):
             return False
         return True
+
+    def _make_room_for(self, key: str, assignment: Assignment) -> bool:
+        """A recorded assignment collides with GPUs we only guessed for unrecorded pods: the record wins and the
+        guesses move elsewhere on their node."""
+        moved = [k for k in self._guessed if (a := self._state.assignments.get(k)) and a.node == assignment.node]
+        if not moved:
+            return False
+        held = {k: self._state.release(k) for k in moved}
+        try:
+            self._state.apply(key, assignment)
+            ok = True
+        except ConflictError:
+            ok = False
+        for k, previous in held.items():
+            assert previous is not None
+            self._apply_bound(k, replace(previous, gpus=(), milli=0, mig=None), self._guessed.pop(k))
+        return ok
 
     def _place_unannotated(self, assignment: Assignment, demand: Demand) -> Assignment:
         """A pod bound without our assignment record (another scheduler placed it) still holds GPUs: we do not

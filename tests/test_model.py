@@ -70,4 +70,14 @@ def test_pod_bound_by_someone_else_still_holds_gpus(model: ClusterModel) -> None
     two = Demand(cpu_milli=1000, gpu_count=2, gpu_milli=1000)
     assert model.pod_bound("foreign", Assignment("a", cpu_milli=1000), two)  # no assignment record on it
     assert model.snapshot().gpu_free[0, :2].tolist() == [0, 0]
-    assert not model.pod_bound("another", Assignment("a", cpu_milli=1000), WHOLE)  # nothing left: a conflict
+    # No GPU left to charge: what it holds on the host still counts.
+    assert model.pod_bound("another", Assignment("a", cpu_milli=1000), WHOLE)
+    assert model.assignment_of("another") == Assignment("a", cpu_milli=1000)
+
+
+def test_a_recorded_assignment_displaces_a_guess(model: ClusterModel) -> None:
+    model.pod_bound("foreign", Assignment("a", cpu_milli=1000), WHOLE)
+    guessed = model.assignment_of("foreign").gpus
+    assert model.pod_bound("ours", Assignment("a", gpus=guessed, milli=1000), WHOLE)
+    assert model.assignment_of("ours").gpus == guessed
+    assert model.assignment_of("foreign").gpus not in ((), guessed)  # moved to the other GPU
