@@ -19,6 +19,14 @@ def _simulate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from extender.logs import configure
+    from scheduler.agent.cli import run
+
+    configure(args.log_level)
+    return run(args)
+
+
 def _cluster(args: argparse.Namespace) -> int:
     from e2e.controlplane import main
 
@@ -39,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
     serve.add_argument("--tls-key", help="private key for --tls-cert")
+    from scheduler.telemetry import add_arguments as add_telemetry_arguments
+
+    add_telemetry_arguments(serve)
     serve.set_defaults(func=_serve)
 
     simulate = sub.add_parser("simulate", help="replay a trace through the placement policies")
@@ -53,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = sub.add_parser("cluster", help="a local control plane (etcd, kube-apiserver, kube-scheduler)")
     cluster.add_argument("action", choices=["up", "down"])
     cluster.set_defaults(func=_cluster)
+
+    agent = sub.add_parser("agent", help="node agent: DCGM-compatible GPU metrics, health, the node's GPU inventory")
+    from scheduler.agent.cli import add_arguments as add_agent_arguments
+
+    add_agent_arguments(agent)
+    agent.set_defaults(func=_agent)
     return parser
 
 

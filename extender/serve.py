@@ -15,6 +15,7 @@ from policies.config import PlacementPolicy, PolicyError
 from scheduler.model import ClusterModel
 from scheduler.policy_reload import PolicyReloader
 from scheduler.service import PlacementService
+from scheduler.telemetry import TelemetryStore, config_from_args
 from scheduler.watch import ClusterWatcher
 
 log = logging.getLogger("gpu_extender.serve")
@@ -77,6 +78,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         service, watcher = live_service(args.kubeconfig, policy)
     metrics = ExtenderMetrics(service.model, watch_stats=watcher.stats if watcher else None)
+    telemetry_config = config_from_args(args)
+    telemetry = None
+    if telemetry_config is not None:
+        telemetry = TelemetryStore(
+            telemetry_config, service.model, estimates=service.recent_bindings, registry=metrics.registry
+        ).start()
     if reloader is not None:
 
         def report(ok: bool) -> None:
@@ -104,4 +111,6 @@ def run(args: argparse.Namespace) -> int:
             reloader.stop()
         if watcher is not None:
             watcher.stop()
+        if telemetry is not None:
+            telemetry.stop()
     return 0

@@ -23,6 +23,7 @@ from policies.state import ClusterState, ConflictError
 from scheduler.annotations import assignment_annotations
 from scheduler.model import ClusterModel
 from scheduler.podspec import demand_from_pod
+from scheduler.telemetry import RecentBindings
 
 log = logging.getLogger("gpu_extender.decisions")
 
@@ -65,6 +66,7 @@ class PlacementService:
         self.model = model
         self.binder = binder
         self._confirm_on_bind = confirm_on_bind
+        self.recent_bindings = RecentBindings()  # load estimates until telemetry shows the new pods
         self._demands: OrderedDict[str, Demand] = OrderedDict()
         self._demand_cache_size = demand_cache_size
 
@@ -171,6 +173,8 @@ class PlacementService:
             if reserved_now:
                 self.model.unreserve(key)
             raise BindError(f"binding {namespace}/{name} to {node} failed: {exc}") from exc
+        if reserved_now:
+            self.recent_bindings.record(assignment)
         if self._confirm_on_bind and reserved_now:
             self.model.pod_bound(key, assignment, self._demands.get(uid) or Demand())
         return assignment
