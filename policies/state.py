@@ -6,7 +6,7 @@ Decisions read a snapshot only. The live model and the simulator both mutate a `
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -52,16 +52,13 @@ class ClusterSnapshot:
     def size(self) -> int:
         return len(self.names)
 
-    def rows(self, names: Iterable[str]) -> tuple[np.ndarray, list[str]]:
-        """Row indices of known names, and the names this snapshot does not know."""
-        rows, unknown = [], []
-        for name in names:
-            i = self.index.get(name)
-            if i is None:
-                unknown.append(name)
-            else:
-                rows.append(i)
-        return np.asarray(rows, dtype=np.int64), unknown
+    def rows(self, names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """Row indices of known names (in the order given), and the names this snapshot does not know."""
+        found = list(map(self.index.get, names))
+        if None not in found:
+            return np.array(found, dtype=np.int64), []
+        known = [i for i in found if i is not None]
+        return np.array(known, dtype=np.int64), [n for n, i in zip(names, found, strict=True) if i is None]
 
     def gpu_capacity_milli(self) -> int:
         return int(self.gpu_present.sum()) * MILLI_PER_GPU
@@ -211,7 +208,7 @@ class ClusterState:
         return ClusterSnapshot(
             generation=self._generation,
             names=tuple(node.name for node in self._nodes),
-            index=MappingProxyType(self._index),
+            index=self._index,
             inventories=tuple(self._nodes),
             models=self._models,
             model_id=self.model_id,
@@ -250,4 +247,4 @@ class ClusterState:
             array = getattr(shared, name).copy()
             array.flags.writeable = False
             copies[name] = array
-        return replace(shared, index=MappingProxyType(dict(self._index)), **copies)
+        return replace(shared, index=dict(self._index), **copies)

@@ -19,7 +19,7 @@ from policies.demand import Demand
 from policies.engine import Evaluation, assign, evaluate, extender_scores
 from policies.feasibility import REASON_TEXT, Reason, is_resolvable
 from policies.inventory import Assignment, NodeInventory
-from policies.state import ClusterState, ConflictError
+from policies.state import ClusterSnapshot, ClusterState, ConflictError
 from scheduler.annotations import assignment_annotations
 from scheduler.model import ClusterModel
 from scheduler.podspec import demand_from_pod
@@ -52,6 +52,15 @@ class FilterOutcome:
     reasons: Counter[str] = field(default_factory=Counter)
 
 
+@dataclass(frozen=True)
+class _Decision:
+    snapshot: ClusterSnapshot
+    demand: Demand
+    evaluation: Evaluation
+    known: list[str]  # the requested names the snapshot knows, in request order (= evaluation.rows)
+    unknown: list[str]
+
+
 def pod_uid(pod: Mapping[str, Any]) -> str:
     metadata = pod.get("metadata") or {}
     return str(metadata.get("uid") or f"{metadata.get('namespace', 'default')}/{metadata.get('name', '')}")
@@ -81,21 +90,22 @@ class PlacementService:
             self._demands.popitem(last=False)
         return demand
 
-    def _evaluate(self, pod: Mapping[str, Any], names: list[str], score: bool) -> tuple[Evaluation, list[str]]:
+    def _evaluate(self, pod: Mapping[str, Any], names: list[str], score: bool) -> _Decision:
+        """One snapshot for the whole call: the names, rows and verdicts must all come from the same view."""
         if not self.model.ready:
             raise NotReadyError("the GPU extender's cluster view is not ready yet (initial list in progress)")
         demand = self.demand(pod)
         snapshot = self.model.snapshot()
         rows, unknown = snapshot.rows(names)
         evaluation = evaluate(snapshot, demand, rows, self.model.policy, self.model.shapes(), score=score)
-        return evaluation, unknown
+        known = names if not unknown else [snapshot.names[r] for r in rows.tolist()]
+        return _Decision(snapshot, demand, evaluation, known, unknown)
 
     def filter(self, pod: Mapping[str, Any], names: list[str]) -> FilterOutcome:
-        evaluation, unknown = self._evaluate(pod, names, score=False)
-        snapshot = self.model.snapshot()
+        decision = self._evaluate(pod, names, score=False)
+        unknown = decision.unknown
         outcome = FilterOutcome(passed=[])
-        for row, reason_code in zip(evaluation.rows.tolist(), evaluation.reasons.tolist(), strict=True):
-            name = snapshot.names[row]
+        for name, reason_code in zip(decision.known, decision.evaluation.reasons.tolist(), strict=True):
             if reason_code == Reason.FITS:
                 outcome.passed.append(name)
                 continue
@@ -115,24 +125,22 @@ class PlacementService:
         return outcome
 
     def prioritize(self, pod: Mapping[str, Any], names: list[str]) -> list[tuple[str, int]]:
-        evaluation, unknown = self._evaluate(pod, names, score=True)
-        snapshot = self.model.snapshot()
-        scores = extender_scores(evaluation, self.model.policy.extender_scoring.mode)
-        result = [(snapshot.names[r], int(s)) for r, s in zip(evaluation.rows.tolist(), scores.tolist(), strict=True)]
-        result.extend((name, 0) for name in unknown)
+        decision = self._evaluate(pod, names, score=True)
+        scores = extender_scores(decision.evaluation, self.model.policy.extender_scoring.mode)
+        result = list(zip(decision.known, scores.tolist(), strict=True))
+        result.extend((name, 0) for name in decision.unknown)
         return result
 
     def explain(self, pod: Mapping[str, Any], names: list[str] | None = None) -> list[dict[str, Any]]:
         """Why each node would or would not take the pod: reason, raw score, each scorer's part, placement."""
-        snapshot = self.model.snapshot()
-        names = list(snapshot.names) if names is None else names
-        evaluation, unknown = self._evaluate(pod, names, score=True)
-        demand = self.demand(pod)
+        names = list(self.model.snapshot().names) if names is None else names
+        decision = self._evaluate(pod, names, score=True)
+        evaluation = decision.evaluation
         scores = extender_scores(evaluation, self.model.policy.extender_scoring.mode)
         out: list[dict[str, Any]] = []
-        for i, row in enumerate(evaluation.rows.tolist()):
+        for i, name in enumerate(decision.known):
             entry: dict[str, Any] = {
-                "node": snapshot.names[row],
+                "node": name,
                 "fits": bool(evaluation.feasible[i]),
                 "reason": REASON_TEXT[Reason(int(evaluation.reasons[i]))],
                 "score": int(scores[i]),
@@ -140,9 +148,9 @@ class PlacementService:
             if evaluation.feasible[i]:
                 entry["raw"] = float(evaluation.scores[i])
                 entry["components"] = {k: float(v[i]) for k, v in evaluation.components.items()}
-                entry["placement"] = _describe(assign(snapshot, demand, evaluation, i))
+                entry["placement"] = _describe(assign(decision.snapshot, decision.demand, evaluation, i))
             out.append(entry)
-        out.extend({"node": name, "fits": False, "reason": UNKNOWN_NODE, "score": 0} for name in unknown)
+        out.extend({"node": name, "fits": False, "reason": UNKNOWN_NODE, "score": 0} for name in decision.unknown)
         out.sort(key=lambda e: (not e["fits"], -e.get("raw", 0.0), e["node"]))
         return out
 
