@@ -24,16 +24,28 @@ from scheduler.annotations import (
 INVENTORY = {
     "v": 1,
     "gpus": [
-        {"index": 0, "uuid": "GPU-aaa", "model": "NVIDIA-H100-80GB-HBM3", "memoryMiB": 81559,
-         "mig": {"enabled": True, "instances": [{"profile": "3g.40gb", "start": 4, "uuid": "MIG-111"},
-                                                {"profile": "1g.10gb", "start": 0, "uuid": "MIG-222"}]}},
+        {
+            "index": 0,
+            "uuid": "GPU-aaa",
+            "model": "NVIDIA-H100-80GB-HBM3",
+            "memoryMiB": 81559,
+            "mig": {
+                "enabled": True,
+                "instances": [
+                    {"profile": "3g.40gb", "start": 4, "uuid": "MIG-111"},
+                    {"profile": "1g.10gb", "start": 0, "uuid": "MIG-222"},
+                ],
+            },
+        },
         {"index": 1, "uuid": "GPU-bbb", "model": "NVIDIA-H100-80GB-HBM3", "memoryMiB": 81559},
     ],
     "observedAt": "2026-11-28T02:04:18Z",
 }
 
 NODE = NodeInventory(
-    "n1", 64_000, 262_144,
+    "n1",
+    64_000,
+    262_144,
     (
         GpuDevice(0, "NVIDIA-H100-80GB-HBM3", 81559, "GPU-aaa", "H100-80GB", (MigInstance("3g.40gb", 4, "MIG-111"),)),
         GpuDevice(1, "NVIDIA-H100-80GB-HBM3", 81559, "GPU-bbb"),

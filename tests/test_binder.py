@@ -14,8 +14,10 @@ from tests.test_watch import FakeApiServer, gpu_pod
 
 # Messages as kube-apiserver v1.36 sends them (captured against the real server).
 ALREADY = 'Operation cannot be fulfilled on pods/binding "{name}": pod {name} is already assigned to node "{node}"'
-UID_PRECONDITION = ("Operation cannot be fulfilled on pods \"{name}\": StorageError: invalid object, Code: 4, "
-                    "Precondition failed: UID in precondition: {want}, UID in object meta: {have}")
+UID_PRECONDITION = (
+    'Operation cannot be fulfilled on pods "{name}": StorageError: invalid object, Code: 4, '
+    "Precondition failed: UID in precondition: {want}, UID in object meta: {have}"
+)
 UID_IMMUTABLE = 'Pod "{name}" is invalid: metadata.uid: Invalid value: "{want}": field is immutable'
 
 
@@ -118,7 +120,7 @@ def test_errors_are_readable(api: tuple[PodApi, KubernetesBinder]) -> None:
     with pytest.raises(BindError, match="annotating pod default/p failed: HTTP 500: etcd timeout"):
         binder.bind("default", "p", "u1", "n1", {"a": "1"})
     assert "nodeName" not in pods.pods["p"]["spec"]
-    with pytest.raises(BindError, match="cannot read pod default/zz: pods \"zz\" not found"):
+    with pytest.raises(BindError, match='cannot read pod default/zz: pods "zz" not found'):
         binder.get_pod("default", "zz")
 
 

@@ -76,14 +76,28 @@ def test_capacities_round_down() -> None:
 
 
 def test_agent_annotation_wins() -> None:
-    doc = {"v": 1, "gpus": [
-        {"index": 0, "uuid": "GPU-0", "model": "NVIDIA-H100-80GB-HBM3", "memoryMiB": 81559,
-         "mig": {"enabled": True, "instances": [{"profile": "3g.40gb", "start": 4, "uuid": "MIG-a"}]}},
-        {"index": 1, "uuid": "GPU-1", "model": "NVIDIA-H100-80GB-HBM3", "memoryMiB": 81559,
-         "mig": {"enabled": False}},
-    ]}
-    inv = inventory_from_node(node(allocatable={"nvidia.com/gpu": "8"}, labels=GFD_A100,
-                                   annotations={GPU_INVENTORY: json.dumps(doc)}))
+    doc = {
+        "v": 1,
+        "gpus": [
+            {
+                "index": 0,
+                "uuid": "GPU-0",
+                "model": "NVIDIA-H100-80GB-HBM3",
+                "memoryMiB": 81559,
+                "mig": {"enabled": True, "instances": [{"profile": "3g.40gb", "start": 4, "uuid": "MIG-a"}]},
+            },
+            {
+                "index": 1,
+                "uuid": "GPU-1",
+                "model": "NVIDIA-H100-80GB-HBM3",
+                "memoryMiB": 81559,
+                "mig": {"enabled": False},
+            },
+        ],
+    }
+    inv = inventory_from_node(
+        node(allocatable={"nvidia.com/gpu": "8"}, labels=GFD_A100, annotations={GPU_INVENTORY: json.dumps(doc)})
+    )
     assert inv is not None and len(inv.gpus) == 2
     mig, plain = inv.gpus
     assert (mig.uuid, mig.mig_table, mig.memory_mib) == ("GPU-0", "H100-80GB", 81559)
@@ -92,8 +106,9 @@ def test_agent_annotation_wins() -> None:
 
 
 def test_invalid_annotation_falls_back_to_labels() -> None:
-    inv = inventory_from_node(node(allocatable={"nvidia.com/gpu": "4"}, labels=GFD_A100,
-                                   annotations={GPU_INVENTORY: '{"v": 9, "gpus": []}'}))
+    inv = inventory_from_node(
+        node(allocatable={"nvidia.com/gpu": "4"}, labels=GFD_A100, annotations={GPU_INVENTORY: '{"v": 9, "gpus": []}'})
+    )
     assert inv is not None and len(inv.gpus) == 4 and inv.gpus[0].uuid == ""
 
 
@@ -125,8 +140,11 @@ def test_mig_gpus_without_instances_still_count() -> None:
 
 
 def test_mig_single_strategy_is_whole_gpus_of_the_slice() -> None:
-    labels = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb", "nvidia.com/gpu.memory": "4864",
-              "nvidia.com/mig.strategy": "single"}
+    labels = {
+        "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb",
+        "nvidia.com/gpu.memory": "4864",
+        "nvidia.com/mig.strategy": "single",
+    }
     inv = inventory_from_node(node(allocatable={"nvidia.com/gpu": "28"}, labels=labels))
     assert inv is not None and len(inv.gpus) == 28
     assert inv.gpus[0].memory_mib == 4864 and inv.gpus[0].mig_table is None
@@ -134,8 +152,13 @@ def test_mig_single_strategy_is_whole_gpus_of_the_slice() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "schedulable"),
-    [({}, True), ({"ready": "False"}, False), ({"ready": "Unknown"}, False), ({"ready": None}, True),
-     ({"unschedulable": True}, False)],
+    [
+        ({}, True),
+        ({"ready": "False"}, False),
+        ({"ready": "Unknown"}, False),
+        ({"ready": None}, True),
+        ({"unschedulable": True}, False),
+    ],
 )
 def test_unschedulable_and_unready_nodes(kwargs: dict[str, Any], schedulable: bool) -> None:
     obj = node(allocatable={"nvidia.com/gpu": "1"}, **kwargs)
@@ -153,8 +176,9 @@ def test_malformed_nodes() -> None:
 
 
 def test_openb_row_and_csv() -> None:
-    inv = inventory_from_openb_row({"sn": "a", "cpu_milli": "64000", "memory_mib": "262144", "gpu": "2",
-                                    "model": "V100M16"})
+    inv = inventory_from_openb_row(
+        {"sn": "a", "cpu_milli": "64000", "memory_mib": "262144", "gpu": "2", "model": "V100M16"}
+    )
     assert (inv.name, inv.cpu_milli, inv.memory_mib, len(inv.gpus), inv.gpu_model) == ("a", 64000, 262144, 2, "V100M16")
     cpu_only = inventory_from_openb_row({"sn": "b", "cpu_milli": "1", "memory_mib": "1", "gpu": "0", "model": ""})
     assert cpu_only.gpus == ()
@@ -167,8 +191,11 @@ def test_yaml_fleet(tmp_path: Path) -> None:
     assert [n.name for n in fleet][:2] == ["gpu-a", "gpu-b"]
     assert len(fleet[0].gpus) == 4 and fleet[0].gpus[0].model == "NVIDIA-A100-SXM4-80GB"
     # a bare list, several documents and a NodeList all work; capacity stands in for allocatable
-    n1 = {"kind": "Node", "metadata": {"name": "x"}, "status": {"capacity": {"cpu": "8", "memory": "16Gi",
-                                                                             "nvidia.com/gpu": "1"}}}
+    n1 = {
+        "kind": "Node",
+        "metadata": {"name": "x"},
+        "status": {"capacity": {"cpu": "8", "memory": "16Gi", "nvidia.com/gpu": "1"}},
+    }
     n2 = {**n1, "metadata": {"name": "y"}}
     (tmp_path / "list.yaml").write_text(json.dumps([n1, n2]))
     (tmp_path / "docs.yaml").write_text(json.dumps(n1) + "\n---\n" + json.dumps(n2))
@@ -176,7 +203,9 @@ def test_yaml_fleet(tmp_path: Path) -> None:
     for name in ("list.yaml", "docs.yaml", "nodelist.json"):
         loaded = load_fleet(tmp_path / name)
         assert [(n.name, n.cpu_milli, n.memory_mib, len(n.gpus)) for n in loaded] == [
-            ("x", 8000, 16384, 1), ("y", 8000, 16384, 1)]
+            ("x", 8000, 16384, 1),
+            ("y", 8000, 16384, 1),
+        ]
     (tmp_path / "bad.yaml").write_text(json.dumps({"kind": "Pod", "metadata": {"name": "p"}}))
     with pytest.raises(ValueError, match="expected Node objects"):
         load_fleet(tmp_path / "bad.yaml")

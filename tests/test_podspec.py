@@ -31,8 +31,19 @@ WIRE = shared_data().parent / "wire"
 # -- quantities ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("text", "milli"),
-    [("100m", 100), ("2", 2000), ("1.5", 1500), ("1e3", 1_000_000), ("500k", 500_000_000), (".5", 500),
-     ("1.5m", 2), (4, 4000), (0.25, 250), ("+1", 1000), ("1E-3", 1)],
+    [
+        ("100m", 100),
+        ("2", 2000),
+        ("1.5", 1500),
+        ("1e3", 1_000_000),
+        ("500k", 500_000_000),
+        (".5", 500),
+        ("1.5m", 2),
+        (4, 4000),
+        (0.25, 250),
+        ("+1", 1000),
+        ("1E-3", 1),
+    ],
 )
 def test_to_milli(text: Any, milli: int) -> None:
     assert to_milli(text) == milli
@@ -58,8 +69,26 @@ def test_parse_is_exact() -> None:
 
 
 @pytest.mark.parametrize(
-    "garbage", ["", " 1", "1 ", "NaN", "Infinity", "1_000", "1e3Mi", "1ki", "1Mi5", "e3", "abc", "1.2.3", "--1",
-                None, True, [1], "1e99999"],
+    "garbage",
+    [
+        "",
+        " 1",
+        "1 ",
+        "NaN",
+        "Infinity",
+        "1_000",
+        "1e3Mi",
+        "1ki",
+        "1Mi5",
+        "e3",
+        "abc",
+        "1.2.3",
+        "--1",
+        None,
+        True,
+        [1],
+        "1e99999",
+    ],
 )
 def test_garbage_is_refused(garbage: Any) -> None:
     with pytest.raises(ValueError, match="invalid quantity"):
@@ -205,11 +234,21 @@ def test_bad_annotations(annotations: dict[str, Any], message: str) -> None:
 def test_node_selector_and_affinity_restrict_models() -> None:
     d = demand_from_pod(pod([c({"nvidia.com/gpu": 1})], nodeSelector={GPU_PRODUCT_LABEL: "NVIDIA-A100-SXM4-80GB"}))
     assert d.allowed_models == frozenset({"NVIDIA-A100-SXM4-80GB"})
-    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": ["A", "B"]}]},
-        {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": ["C"]},
-                              {"key": "zone", "operator": "In", "values": ["z1"]}]},
-    ]}}}
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": ["A", "B"]}]},
+                    {
+                        "matchExpressions": [
+                            {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": ["C"]},
+                            {"key": "zone", "operator": "In", "values": ["z1"]},
+                        ]
+                    },
+                ]
+            }
+        }
+    }
     d = demand_from_pod(pod([c({"nvidia.com/gpu": 1})], affinity=affinity))
     assert d.allowed_models == frozenset({"A", "B", "C"})
     # One term without a product constraint lets every product through.
@@ -219,9 +258,25 @@ def test_node_selector_and_affinity_restrict_models() -> None:
 
 
 def test_annotation_narrows_selector_and_contradiction_is_refused() -> None:
-    spec = {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In",
-                               "values": ["NVIDIA-A100-SXM4-80GB", "NVIDIA-H100-80GB-HBM3"]}]}]}}}}
+    spec = {
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {
+                                    "key": GPU_PRODUCT_LABEL,
+                                    "operator": "In",
+                                    "values": ["NVIDIA-A100-SXM4-80GB", "NVIDIA-H100-80GB-HBM3"],
+                                }
+                            ]
+                        }
+                    ]
+                }
+            }
+        }
+    }
     d = demand_from_pod(pod([c({"nvidia.com/gpu": 1})], annotations={ANNOTATION_GPU_TYPES: "H100"}, **spec))
     assert d.allowed_models == frozenset({"NVIDIA-H100-80GB-HBM3"})
     with pytest.raises(PodSpecError, match="excludes every GPU product"):
@@ -273,8 +328,11 @@ def test_cached_demand_matches_and_is_shared() -> None:
     different = [
         pod([c({"cpu": "2", "nvidia.com/gpu": 1})], annotations={ANNOTATION_MODEL: "m"}),
         pod([c({"cpu": "1", "nvidia.com/gpu": 1})], annotations={ANNOTATION_MODEL: "n"}),
-        pod([c({"cpu": "1", "nvidia.com/gpu": 1})], annotations={ANNOTATION_MODEL: "m"},
-            nodeSelector={GPU_PRODUCT_LABEL: "X"}),
+        pod(
+            [c({"cpu": "1", "nvidia.com/gpu": 1})],
+            annotations={ANNOTATION_MODEL: "m"},
+            nodeSelector={GPU_PRODUCT_LABEL: "X"},
+        ),
         pod([c({"cpu": "1", "nvidia.com/gpu": 1}), c({"memory": "1Gi"})], annotations={ANNOTATION_MODEL: "m"}),
         pod([c({"cpu": "1", "nvidia.com/gpu": 1})], init=[c({"cpu": "3"})], annotations={ANNOTATION_MODEL: "m"}),
     ]

@@ -140,8 +140,17 @@ class FakeApiServer:
                 self.wfile.write(data)
 
             def _status(self, code: int, reason: str, message: str) -> None:
-                self._send(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
-                                  "reason": reason, "code": code})
+                self._send(
+                    code,
+                    {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "status": "Failure",
+                        "message": message,
+                        "reason": reason,
+                        "code": code,
+                    },
+                )
 
             def _record(self) -> tuple[str, dict[str, list[str]]]:
                 url = urlparse(self.path)
@@ -175,8 +184,12 @@ class FakeApiServer:
                         start, rv = 0, fake.rv
                         items = [copy.deepcopy(o) for _, o in sorted(fake.objects[kind].items())]
                         if kind == "pods":
-                            items = [p for p in items if p["spec"].get("nodeName")
-                                     and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
+                            items = [
+                                p
+                                for p in items
+                                if p["spec"].get("nodeName")
+                                and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")
+                            ]
                         fake._snapshots[(kind, rv)] = items
                 page = items[start : start + limit]
                 meta: dict[str, Any] = {"resourceVersion": str(rv)}
@@ -197,8 +210,13 @@ class FakeApiServer:
                 with fake.cond:
                     drops = fake.drops
                 if rv < fake.oldest_rv:
-                    status = {"kind": "Status", "status": "Failure", "reason": "Expired", "code": 410,
-                              "message": f"too old resource version: {rv} ({fake.oldest_rv})"}
+                    status = {
+                        "kind": "Status",
+                        "status": "Failure",
+                        "reason": "Expired",
+                        "code": 410,
+                        "message": f"too old resource version: {rv} ({fake.oldest_rv})",
+                    }
                     self._chunk(json.dumps({"type": "ERROR", "object": status}).encode() + b"\n")
                     self._chunk(b"")
                     return
@@ -245,8 +263,10 @@ class FakeApiServer:
 
 def gpu_node(name: str, gpus: int = 4, ready: str = "True", **labels: str) -> dict[str, Any]:
     return {
-        "metadata": {"name": name, "labels": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB",
-                                              "nvidia.com/gpu.memory": "81920", **labels}},
+        "metadata": {
+            "name": name,
+            "labels": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB", "nvidia.com/gpu.memory": "81920", **labels},
+        },
         "spec": {},
         "status": {
             "allocatable": {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": str(gpus)},
@@ -255,16 +275,38 @@ def gpu_node(name: str, gpus: int = 4, ready: str = "True", **labels: str) -> di
     }
 
 
-def gpu_pod(name: str, node: str | None, gpus: int = 1, uid: str | None = None, phase: str = "Running",
-            annotations: dict[str, str] | None = None, cpu: str = "1") -> dict[str, Any]:
-    spec: dict[str, Any] = {"containers": [{"name": "c", "resources": {
-        "requests": {"cpu": cpu, "memory": "1Gi", "nvidia.com/gpu": str(gpus)},
-        "limits": {"nvidia.com/gpu": str(gpus)}}}]}
+def gpu_pod(
+    name: str,
+    node: str | None,
+    gpus: int = 1,
+    uid: str | None = None,
+    phase: str = "Running",
+    annotations: dict[str, str] | None = None,
+    cpu: str = "1",
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "containers": [
+            {
+                "name": "c",
+                "resources": {
+                    "requests": {"cpu": cpu, "memory": "1Gi", "nvidia.com/gpu": str(gpus)},
+                    "limits": {"nvidia.com/gpu": str(gpus)},
+                },
+            }
+        ]
+    }
     if node:
         spec["nodeName"] = node
-    return {"metadata": {"name": name, "namespace": "default", "uid": uid or f"uid-{name}",
-                         "annotations": annotations or {}},
-            "spec": spec, "status": {"phase": phase}}
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "uid": uid or f"uid-{name}",
+            "annotations": annotations or {},
+        },
+        "spec": spec,
+        "status": {"phase": phase},
+    }
 
 
 @pytest.fixture
@@ -510,8 +552,10 @@ def test_many_events_cost(fake: FakeApiServer) -> None:
         stats = watcher.stats
         per_event_us = stats.event_cpu_s / stats.events * 1e6
         publish_us = stats.publish_cpu_s / stats.events * 1e6
-        print(f"\nwatch event: decode+project {per_event_us:.0f} us, model update {publish_us:.0f} us "
-              f"({stats.batches} batches for {stats.events} events)")
+        print(
+            f"\nwatch event: decode+project {per_event_us:.0f} us, model update {publish_us:.0f} us "
+            f"({stats.batches} batches for {stats.events} events)"
+        )
         assert per_event_us < 2000
 
 
@@ -529,8 +573,14 @@ def test_an_unreadable_object_is_skipped_not_retried_forever(fake: FakeApiServer
     with watcher:
         assert watcher.wait_ready(5)
         fake.put("pods", gpu_pod("odd", "n0"))
-        fake.put("pods", {"metadata": {"name": "bad-spec", "namespace": "default", "uid": "u-bad"},
-                          "spec": {"nodeName": "n0", "containers": "not a list"}, "status": {}})
+        fake.put(
+            "pods",
+            {
+                "metadata": {"name": "bad-spec", "namespace": "default", "uid": "u-bad"},
+                "spec": {"nodeName": "n0", "containers": "not a list"},
+                "status": {},
+            },
+        )
         fake.put("nodes", {"metadata": {"name": "n1", "labels": None, "annotations": 7}, "status": {}})
         fake.put("pods", gpu_pod("after", "n0"))
         eventually(lambda: "uid-after" in placed(model))
