@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scheduler.datasets import shared_data
+
 GPU_RESOURCE = "nvidia.com/gpu"
 MILLI_RESOURCE = "gpu-extender.io/gpu-milli"
 GPU_TYPES_ANNOTATION = "gpu-extender.io/gpu-types"
 SCHEDULER_NAME = "gpu-scheduler"
-
-
-def shared_data() -> Path:
-    """The reference data beside the checkout (`../shared/data`), or where GPU_EXTENDER_DATA points."""
-    override = os.environ.get("GPU_EXTENDER_DATA")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import orjson
 from policies.demand import Demand
 from policies.inventory import Assignment, NodeInventory
 from scheduler.annotations import bound_assignment
+from scheduler.backoff import Backoff
 from scheduler.kubeapi import ApiError, api_request, read_json
 from scheduler.model import ClusterModel
 from scheduler.nodes import inventory_from_node
@@ -102,21 +103,6 @@ class WatchStats:
     event_cpu_s: float = 0.0  # CPU spent decoding and projecting watch events
     publish_cpu_s: float = 0.0  # CPU spent applying batches to the model
     last_list_s: dict[str, float] = field(default_factory=dict)
-
-
-class Backoff:
-    """Exponential backoff with jitter (half fixed, half random), capped."""
-
-    def __init__(self, initial_s: float = 0.5, max_s: float = 30.0, rng: Callable[[], float] = random.random) -> None:
-        self.initial_s, self.max_s, self._rng, self._attempt = initial_s, max_s, rng, 0
-
-    def next(self) -> float:
-        delay = min(self.max_s, self.initial_s * (2**self._attempt))
-        self._attempt = min(self._attempt + 1, 30)
-        return delay / 2 + self._rng() * delay / 2
-
-    def reset(self) -> None:
-        self._attempt = 0
 
 
 _gc_lock = threading.Lock()

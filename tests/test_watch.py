@@ -21,8 +21,9 @@ import pytest
 from policies.config import PlacementPolicy
 from policies.inventory import Assignment
 from scheduler.annotations import assignment_annotations
+from scheduler.backoff import Backoff
 from scheduler.model import ClusterModel
-from scheduler.watch import Backoff, ClusterWatcher, project_pod
+from scheduler.watch import ClusterWatcher, project_pod
 
 # -- a fake kube-apiserver -------------------------------------------------------------------------------
 

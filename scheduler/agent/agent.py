@@ -18,11 +18,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from scheduler.agent.backoff import Backoff
 from scheduler.agent.exporter import AgentCollector, Health
 from scheduler.agent.nvml import NvmlBackend
 from scheduler.agent.publisher import NodePublisher
 from scheduler.agent.sampler import NodeSample, Sampler, inventory_doc, shareable_gpus
+from scheduler.backoff import Backoff
 
 __all__ = ["Agent"]
 

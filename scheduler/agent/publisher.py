@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from scheduler.agent.backoff import Backoff
 from scheduler.annotations import GPU_INVENTORY, NodeInventoryDoc, parse_node_inventory
+from scheduler.backoff import Backoff
 from scheduler.kubeapi import read_json
 from scheduler.quantity import to_count
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import bisect
 import csv
-import os
 import zlib
 from array import array
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
 from typing import Protocol
+
+from scheduler.datasets import shared_data
 
 __all__ = [
     "DUTY_CYCLE_CSV",
@@ -31,14 +32,6 @@ __all__ = [
 
 DUTY_CYCLE_CSV = "genai-serving/pod_gpu_duty_cycle_anon.csv"
 MEMORY_USED_CSV = "genai-serving/pod_gpu_memory_used_bytes_anon.csv"
-
-
-def shared_data() -> Path:
-    """The reference data beside the checkout (`../shared/data`), or where GPU_EXTENDER_DATA points."""
-    override = os.environ.get("GPU_EXTENDER_DATA")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 class Schedule(Protocol):

@@ -1,4 +1,4 @@
-"""Exponential backoff with jitter, for retrying NVML initialisation and Node updates without a tight loop."""
+"""Exponential backoff with jitter: reconnecting watches, retrying NVML and Node updates without a tight loop."""
 
 from __future__ import annotations
 
