@@ -27,6 +27,12 @@ def _agent(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from extender.explain import run
+
+    return run(args)
+
+
 def _cluster(args: argparse.Namespace) -> int:
     from e2e.controlplane import main
 
@@ -60,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_arguments(simulate)
     simulate.set_defaults(func=_simulate)
+
+    explain = sub.add_parser("explain", help="why a pod would go where: every node's verdict and score")
+    from extender.explain import add_arguments as add_explain_arguments
+
+    add_explain_arguments(explain)
+    explain.set_defaults(func=_explain)
 
     cluster = sub.add_parser("cluster", help="a local control plane (etcd, kube-apiserver, kube-scheduler)")
     cluster.add_argument("action", choices=["up", "down"])
