@@ -20,7 +20,6 @@ from e2e import helpers
 from e2e.controlplane import ControlPlane
 from policies.config import parse_policy
 from scheduler.kubeapi import ApiError, read_json
-from scheduler.podspec import managed_resources
 
 pytestmark = pytest.mark.e2e
 
@@ -120,13 +119,13 @@ def test_base_renders_what_the_files_say(rendered: dict[tuple[str, str], dict[st
         assert ("ServiceAccount", account) in rendered
     assert ("ServiceAccount", "gpu-node-agent") in rendered
 
-    # The scheduler profile reaches the extender through its Service, and routes every GPU resource to it.
+    # The scheduler profile reaches the extender through its Service, and sends it every pod of the profile.
     config = yaml.safe_load(scheduler_cm["kube-scheduler-config.yaml"])
     (extender_cfg,) = config["extenders"]
     service = rendered["Service", "gpu-extender"]
     port = service["spec"]["ports"][0]["port"]
     assert extender_cfg["urlPrefix"] == f"http://gpu-extender.{NAMESPACE}.svc:{port}"
-    assert sorted(r["name"] for r in extender_cfg["managedResources"]) == sorted(managed_resources())
+    assert "managedResources" not in extender_cfg
     assert config["leaderElection"]["resourceNamespace"] == NAMESPACE
 
 

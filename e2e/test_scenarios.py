@@ -317,17 +317,17 @@ def test_extender_unreachable_holds_gpu_pods_until_it_returns(make_pool: Any, sy
         gpu = [pool.pod(f"g{i}", {"nvidia.com/gpu": "1"}) for i in range(3)]
         cpu = helpers.in_pool(gpu_pod("down-cpu", NS, "down", {}), "down")
         helpers.create_pods(system.api, [*gpu, cpu], workers=4)
-        # A pod that asks no GPU resource is not the extender's: it is scheduled (and bound by kube-scheduler).
-        pool.watch.bound(["down-cpu"], timeout_s=30)
         message = failed_scheduling(system.api, "down-g0")
         print(f"\nwhile the extender is down: {message}")
         assert system.extender.url.removeprefix("http://") in message or "extender" in message.lower(), message
         time.sleep(3)
         now = pool.watch.snapshot()
-        assert not any(helpers.node_name(now[p["metadata"]["name"]]) for p in gpu), "bound without the extender"
+        # Every pod of the profile waits, CPU-only ones too: the shipped profile sends them all to the extender.
+        waiting = [*gpu, cpu]
+        assert not any(helpers.node_name(now[p["metadata"]["name"]]) for p in waiting), "bound without the extender"
     finally:
         system.extender.start()
-    bound = pool.watch.bound([p["metadata"]["name"] for p in gpu], timeout_s=60)
+    bound = pool.watch.bound([p["metadata"]["name"] for p in [*gpu, cpu]], timeout_s=60)
     assert set(bound.values()) <= set(pool.nodes)
     assert_consistent([p for p in pool.bound() if p["metadata"]["name"] != "down-cpu"])
 

@@ -53,25 +53,19 @@ class KubernetesBinder:
         return pod
 
     def bind(self, namespace: str, name: str, uid: str, node: str, annotations: Mapping[str, str]) -> None:
-        """Annotate, then bind. `uid` guards both steps: a pod recreated under the same name is not touched."""
+        """One write: the API server copies a Binding's annotations onto the pod as it binds it, so the pod is
+        never bound without its assignment (nor annotated but unbound). `uid` guards against a pod recreated
+        under the same name (409 Precondition failed)."""
         path = _pod_path(namespace, name)
+        metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+        if uid:
+            metadata["uid"] = uid
         if annotations:
-            metadata: dict[str, Any] = {"annotations": dict(annotations)}
-            if uid:
-                metadata["uid"] = uid  # an immutable field: a different stored UID makes the patch fail
-            try:
-                self._call("PATCH", path, body={"metadata": metadata},
-                           headers={"Content-Type": "application/merge-patch+json"})
-            except ApiError as exc:
-                if exc.status == 404:
-                    raise BindError(f"pod {namespace}/{name} no longer exists") from None
-                if exc.status == 422 and "metadata.uid" in exc.message:
-                    raise BindError(f"pod {namespace}/{name} was recreated (scheduled uid {uid})") from None
-                raise BindError(f"annotating pod {namespace}/{name} failed: {exc}") from None
+            metadata["annotations"] = dict(annotations)
         binding = {
             "apiVersion": "v1",
             "kind": "Binding",
-            "metadata": {"name": name, "namespace": namespace, **({"uid": uid} if uid else {})},
+            "metadata": metadata,
             "target": {"apiVersion": "v1", "kind": "Node", "name": node},
         }
         try:

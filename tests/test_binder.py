@@ -18,17 +18,17 @@ UID_PRECONDITION = (
     'Operation cannot be fulfilled on pods "{name}": StorageError: invalid object, Code: 4, '
     "Precondition failed: UID in precondition: {want}, UID in object meta: {have}"
 )
-UID_IMMUTABLE = 'Pod "{name}" is invalid: metadata.uid: Invalid value: "{want}": field is immutable'
 
 
 class PodApi:
-    """The pod endpoints bind uses: GET, merge PATCH of metadata, POST binding."""
+    """The pod endpoints bind uses: GET and POST binding (which, like kube-apiserver, copies the Binding's
+    annotations onto the pod in the same write)."""
 
     def __init__(self, fake: FakeApiServer) -> None:
         self.fake = fake
         self.pods: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[str, str, Any]] = []
-        self.fail_patch: int | None = None
+        self.fail_bind: int | None = None
         fake.handlers = self.handle
 
     def add(self, pod: dict[str, Any]) -> None:
@@ -46,24 +46,18 @@ class PodApi:
             h._status(404, "NotFound", f'pods "{name}" not found')
         elif h.command == "GET":
             h._send(200, pod)
-        elif h.command == "PATCH":
-            assert h.headers["Content-Type"] == "application/merge-patch+json"
-            if self.fail_patch:
-                h._status(self.fail_patch, "InternalError", "etcd timeout")
-            elif body["metadata"].get("uid", pod["metadata"]["uid"]) != pod["metadata"]["uid"]:
-                h._status(422, "Invalid", UID_IMMUTABLE.format(name=name, want=body["metadata"]["uid"]))
-            else:
-                pod["metadata"].setdefault("annotations", {}).update(body["metadata"]["annotations"])
-                h._send(200, pod)
         else:  # POST binding
             assert parts[6:] == ["binding"] and body["kind"] == "Binding" and body["target"]["kind"] == "Node"
             want, have = body["metadata"].get("uid"), pod["metadata"]["uid"]
-            if want and want != have:
+            if self.fail_bind:
+                h._status(self.fail_bind, "InternalError", "etcd timeout")
+            elif want and want != have:
                 h._status(409, "Conflict", UID_PRECONDITION.format(name=name, want=want, have=have))
             elif pod["spec"].get("nodeName"):
                 h._status(409, "Conflict", ALREADY.format(name=name, node=pod["spec"]["nodeName"]))
             else:
                 pod["spec"]["nodeName"] = body["target"]["name"]
+                pod["metadata"].setdefault("annotations", {}).update(body["metadata"].get("annotations") or {})
                 h._send(201, {"kind": "Status", "status": "Success", "code": 201})
         return True
 
@@ -75,15 +69,14 @@ def api() -> Iterator[tuple[PodApi, KubernetesBinder]]:
         yield pods, KubernetesBinder(fake.client())
 
 
-def test_bind_annotates_then_binds(api: tuple[PodApi, KubernetesBinder]) -> None:
+def test_bind_annotates_and_binds_in_one_write(api: tuple[PodApi, KubernetesBinder]) -> None:
     pods, binder = api
     pods.add(gpu_pod("p", None, uid="u1"))
     binder.bind("default", "p", "u1", "n1", {"gpu-extender.io/gpu-indices": "0"})
-    assert [(m, p) for m, p, _ in pods.calls] == [("PATCH", "pods/p"), ("POST", "pods/p/binding")]
-    patch = pods.calls[0][2]
-    assert patch == {"metadata": {"annotations": {"gpu-extender.io/gpu-indices": "0"}, "uid": "u1"}}
-    binding = pods.calls[1][2]
-    assert binding["metadata"] == {"name": "p", "namespace": "default", "uid": "u1"}
+    assert [(m, p) for m, p, _ in pods.calls] == [("POST", "pods/p/binding")]
+    binding = pods.calls[0][2]
+    annotations = {"gpu-extender.io/gpu-indices": "0"}
+    assert binding["metadata"] == {"name": "p", "namespace": "default", "uid": "u1", "annotations": annotations}
     assert binding["target"] == {"apiVersion": "v1", "kind": "Node", "name": "n1"}
     assert pods.pods["p"]["spec"]["nodeName"] == "n1"
     assert pods.pods["p"]["metadata"]["annotations"]["gpu-extender.io/gpu-indices"] == "0"
@@ -116,8 +109,8 @@ def test_errors_are_readable(api: tuple[PodApi, KubernetesBinder]) -> None:
     with pytest.raises(BindError, match="no longer exists"):
         binder.bind("default", "gone", "u", "n1", {})
     pods.add(gpu_pod("p", None, uid="u1"))
-    pods.fail_patch = 500
-    with pytest.raises(BindError, match="annotating pod default/p failed: HTTP 500: etcd timeout"):
+    pods.fail_bind = 500
+    with pytest.raises(BindError, match="binding pod default/p to n1 failed: HTTP 500: etcd timeout"):
         binder.bind("default", "p", "u1", "n1", {"a": "1"})
     assert "nodeName" not in pods.pods["p"]["spec"]
     with pytest.raises(BindError, match='cannot read pod default/zz: pods "zz" not found'):
