@@ -92,7 +92,9 @@ def _combine(
     """Weighted fragmentation from the per-shape terms; broadcasts over any leading candidate axes."""
     fits = (count >= shapes.gpu_count) & (cpu_free[..., None] >= shapes.cpu_milli) & accessible & (shapes.gpu_milli > 0)
     frag = np.where(fits, below, idle[..., None])
-    return frag @ shapes.weight
+    # An elementwise product summed along the last axis gives each node the same bits whatever the batch it is
+    # evaluated in (a matrix product may not), so identical nodes tie exactly.
+    return (frag * shapes.weight).sum(axis=-1)
 
 
 def _accessible(snapshot: ClusterSnapshot, rows: np.ndarray, shapes: TypicalShapes) -> np.ndarray:
@@ -108,19 +110,16 @@ def node_fragmentation(snapshot: ClusterSnapshot, rows: np.ndarray, shapes: Typi
     return _combine(count, below, idle, cpu, accessible, shapes)
 
 
-def fragmentation_after(
-    snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: TypicalShapes
-) -> np.ndarray:
-    """Fragmentation of each node after hypothetically placing `demand` there.
-
-    Returns float [R, G] for a GPU share (one column per GPU it could go to; inf where it does not fit) and
-    float [R, 1] otherwise (whole GPUs take the lowest-index free GPUs, which never changes which GPUs are
-    partly used, so only counts and idle capacity move).
-    """
+def _node_terms(snapshot: ClusterSnapshot, rows: np.ndarray, shapes: TypicalShapes):
     free = snapshot.gpu_free[rows].astype(np.int64)
-    cpu_after = snapshot.cpu_free[rows] - demand.cpu_milli
     accessible = _accessible(snapshot, rows, shapes)
-    count, below, idle = _frag_terms(free, cpu_after, accessible, shapes)
+    count, below, idle = _frag_terms(free, snapshot.cpu_free[rows], accessible, shapes)
+    return free, accessible, count, below, idle
+
+
+def _after(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: TypicalShapes, terms) -> np.ndarray:
+    free, accessible, count, below, idle = terms
+    cpu_after = snapshot.cpu_free[rows] - demand.cpu_milli
     m = shapes.gpu_milli
     if demand.gpu_count == 0 or demand.mig_profile:
         return _combine(count, below, idle, cpu_after, accessible, shapes)[:, None]
@@ -139,9 +138,23 @@ def fragmentation_after(
     return np.where(free >= demand.gpu_milli, frag, np.inf)
 
 
+def fragmentation_after(
+    snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: TypicalShapes
+) -> np.ndarray:
+    """Fragmentation of each node after hypothetically placing `demand` there.
+
+    Returns float [R, G] for a GPU share (one column per GPU it could go to; inf where it does not fit) and
+    float [R, 1] otherwise (whole GPUs take the lowest-index free GPUs, which never changes which GPUs are
+    partly used, so only counts and idle capacity move).
+    """
+    return _after(snapshot, rows, demand, shapes, _node_terms(snapshot, rows, shapes))
+
+
 def fragmentation_delta(
     snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: TypicalShapes
 ) -> np.ndarray:
     """How much each candidate placement increases fragmentation ([R, G] or [R, 1], milli-GPU)."""
-    before = node_fragmentation(snapshot, rows, shapes)
-    return fragmentation_after(snapshot, rows, demand, shapes) - before[:, None]
+    terms = _node_terms(snapshot, rows, shapes)  # the per-GPU terms do not depend on CPU: shared by both sides
+    _, accessible, count, below, idle = terms
+    before = _combine(count, below, idle, snapshot.cpu_free[rows], accessible, shapes)
+    return _after(snapshot, rows, demand, shapes, terms) - before[:, None]
