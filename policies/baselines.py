@@ -24,14 +24,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from policies.config import PlacementPolicy, Weights
+from policies.config import PlacementPolicy
 from policies.demand import Demand, DemandKind
 from policies.engine import Evaluation, assign, evaluate
 from policies.feasibility import Reason, feasibility, mig_slots, usable_gpus
-from policies.fragmentation import TypicalShapes, fragmentation_delta
+from policies.fragmentation import TypicalShapes, fragmentation_delta, fragmentation_points
 from policies.inventory import MILLI_PER_GPU, Assignment
 from policies.mig import MIG_TABLES, free_starts
-from policies.scoring import SCORERS, Candidates
 from policies.state import MIG_TABLE_NAMES, ClusterSnapshot
 
 MAX_NODE_SCORE = 100  # a kube-scheduler score plugin answers 0..100
@@ -243,10 +242,7 @@ class BestFitPolicy(BasePolicy):
         return _evaluation(rows, reasons, ok, score, columns)
 
 
-def fgd_score(delta_milli: np.ndarray) -> np.ndarray:
-    """FGD's plugin score: 100 × sigmoid(−Δfragmentation in GPUs), truncated to an integer."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        return np.trunc(MAX_NODE_SCORE / (1.0 + np.exp(delta_milli / MILLI_PER_GPU)))
+fgd_score = fragmentation_points  # FGD's published plugin score
 
 
 @dataclass
@@ -314,63 +310,8 @@ class FirstFitPolicy(BasePolicy):
         return evaluation
 
 
-# -- a candidate for the engine's default --------------------------------------------------------------------
-#
-# The engine's fragmentation score is the exact change in expected fragmentation. Replayed on the openb trace,
-# exact values separate placements that differ by thousandths of a GPU, and the pod goes wherever such noise
-# points, which spreads pods over many nodes. FGD's integer score groups placements whose change is within a few
-# hundredths of a GPU, and ties go to the run's fixed node order, so the cluster fills node after node
-# (first-fit consolidation among placements that are equally good for fragmentation). The scorer below keeps the
-# engine's units (GPUs) but takes FGD's integer steps; the other scorers, weighted below one step, only break
-# ties.
-
-
-def quantized_fragmentation_score(c: Candidates) -> np.ndarray:
-    """FGD's integer score, 100 × sigmoid(−Δ) truncated, shifted and scaled back to GPUs: 0 for no change,
-    steps of 0.04 GPU near zero (the sigmoid's slope), coarser for large changes."""
-    if c.demand.kind is DemandKind.MIG:
-        return np.zeros(c.valid.shape)
-    points = fgd_score(fragmentation_delta(c.snapshot, c.rows, c.demand, c.shapes))
-    return (points - MAX_NODE_SCORE / 2) / (MAX_NODE_SCORE / 4)
-
-
-QUANTIZED_SCORERS = {**SCORERS, "fragmentation": quantized_fragmentation_score}
-QUANTIZED_WEIGHTS = Weights(fragmentation=1.0, packing=0.01, migFit=1.0)
-
-
-@dataclass
-class QuantizedEnginePolicy(BasePolicy):
-    """The engine's weighted sum over its scorers, with FGD's integer fragmentation steps (see above)."""
-
-    shapes: TypicalShapes | None = None
-    weights: Weights = QUANTIZED_WEIGHTS
-    name: str = "default-quantized"
-    label: str = "default-quantized"
-
-    def evaluate(self, snapshot: ClusterSnapshot, demand: Demand, rows: np.ndarray) -> Evaluation:
-        assert self.shapes is not None
-        reasons, ok = _feasible(snapshot, rows, demand)
-        evaluation = _evaluation(rows, reasons, ok, 0.0, -1)
-        if not len(ok):
-            return evaluation
-        candidates = Candidates(snapshot, rows[ok], demand, self.shapes)
-        total = np.zeros(candidates.valid.shape)
-        for name, scorer in QUANTIZED_SCORERS.items():
-            weight = getattr(self.weights, name)
-            if weight:
-                total = total + weight * scorer(candidates)
-        total = np.where(candidates.valid, total, -np.inf)
-        columns = np.argmax(total, axis=1)
-        picked = np.arange(len(ok))
-        evaluation.scores[ok] = total[picked, columns]
-        evaluation.choice[ok] = columns
-        if demand.kind is DemandKind.MIG:
-            evaluation.mig_start[ok] = candidates.mig_choice[0][picked, columns]
-        return evaluation
-
-
 POLICY_NAMES: tuple[str, ...] = ("random", "dotprod", "gpu-clustering", "gpu-packing", "best-fit", "fgd", "default")
-OTHER_POLICY_NAMES: tuple[str, ...] = ("default-quantized", "first-fit")
+OTHER_POLICY_NAMES: tuple[str, ...] = ("first-fit",)
 
 
 def make_policy(name: str, shapes: TypicalShapes, placement: PlacementPolicy | None = None) -> BasePolicy:
@@ -387,8 +328,6 @@ def make_policy(name: str, shapes: TypicalShapes, placement: PlacementPolicy | N
         return BestFitPolicy()
     if name == "fgd":
         return FgdPolicy(shapes=shapes)
-    if name == "default-quantized":
-        return QuantizedEnginePolicy(shapes=shapes)
     if name == "first-fit":
         return FirstFitPolicy()
     if name == "default":

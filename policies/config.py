@@ -23,7 +23,7 @@ class Weights(_Strict):
 
     fragmentation: float = Field(1.0, ge=0)
     best_fit: float = Field(0.0, ge=0, alias="bestFit")
-    packing: float = Field(0.05, ge=0)
+    packing: float = Field(0.01, ge=0)  # below one fragmentation step (0.04): it only breaks ties
     mig_fit: float = Field(1.0, ge=0, alias="migFit")
     utilization: float = Field(0.0, ge=0)
 
@@ -79,6 +79,12 @@ class ExtenderScoring(_Strict):
     mode: Literal["rank", "linear"] = "rank"
 
 
+class FragmentationScoring(_Strict):
+    """`steps`: FGD's integer steps, so near-equal placements tie and packing decides; `exact`: the raw change."""
+
+    mode: Literal["steps", "exact"] = "steps"
+
+
 class Reservations(_Strict):
     ttl_seconds: float = Field(120.0, gt=0, alias="ttlSeconds")
 
@@ -88,6 +94,9 @@ class PlacementPolicy(_Strict):
     kind: Literal["PlacementPolicy"] = "PlacementPolicy"
     weights: Weights = Field(default_factory=Weights)
     typical_shapes: TypicalShapesSpec = Field(default_factory=TypicalShapesSpec, alias="typicalShapes")
+    fragmentation_scoring: FragmentationScoring = Field(
+        default_factory=FragmentationScoring, alias="fragmentationScoring"
+    )
     extender_scoring: ExtenderScoring = Field(default_factory=ExtenderScoring, alias="extenderScoring")
     reservations: Reservations = Field(default_factory=Reservations)
 

@@ -15,7 +15,7 @@ from policies.demand import Demand, DemandKind
 from policies.feasibility import Reason, feasibility, usable_gpus
 from policies.fragmentation import TypicalShapes
 from policies.inventory import MILLI_PER_GPU, Assignment, MigPlacement
-from policies.scoring import SCORERS, Candidates
+from policies.scoring import FRAGMENTATION_SCORERS, SCORERS, Candidates
 from policies.state import ClusterSnapshot
 
 MAX_EXTENDER_SCORE = 10
@@ -62,7 +62,8 @@ def evaluate(
         candidates = Candidates(snapshot, rows[ok], demand, shapes)
         total = np.zeros(candidates.valid.shape)
         values: dict[str, np.ndarray] = {}
-        for name, scorer in SCORERS.items():
+        scorers = {**SCORERS, "fragmentation": FRAGMENTATION_SCORERS[policy.fragmentation_scoring.mode]}
+        for name, scorer in scorers.items():
             weight = getattr(policy.weights, name)
             if weight:
                 values[name] = scorer(candidates)

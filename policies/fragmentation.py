@@ -158,3 +158,12 @@ def fragmentation_delta(
     _, accessible, count, below, idle = terms
     before = _combine(count, below, idle, snapshot.cpu_free[rows], accessible, shapes)
     return _after(snapshot, rows, demand, shapes, terms) - before[:, None]
+
+
+FGD_POINTS = 100  # FGD answers as a kube-scheduler score plugin does: 0..100
+
+
+def fragmentation_points(delta_milli: np.ndarray) -> np.ndarray:
+    """FGD's score for a fragmentation change: 100 × sigmoid(−Δ in GPUs), truncated to an integer."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.trunc(FGD_POINTS / (1.0 + np.exp(delta_milli / 1000)))

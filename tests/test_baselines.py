@@ -15,7 +15,6 @@ from policies.baselines import (
     RandomPolicy,
     fgd_score,
     make_policy,
-    quantized_fragmentation_score,
 )
 from policies.demand import Demand
 from policies.feasibility import Reason
@@ -199,8 +198,8 @@ def test_first_fit_takes_the_lowest_free_mig_slot_on_the_first_gpu():
     assert (assignment.mig.gpu, assignment.mig.start) == (0, 0)
 
 
-def test_quantized_fragmentation_takes_fgd_integer_steps_in_gpus():
-    from policies.scoring import Candidates, fragmentation_score
+def test_fragmentation_steps_take_fgd_integer_steps_in_gpus():
+    from policies.scoring import Candidates, fragmentation_score, fragmentation_steps_score
 
     _, view = cluster(
         node("a", gpus=1),
@@ -210,10 +209,10 @@ def test_quantized_fragmentation_takes_fgd_integer_steps_in_gpus():
     c = Candidates(view, rows(view), SHARE_500, typical_shapes([WHOLE_1]))
     # Exact: -(-0.5) and -(+0.5) GPUs. Quantized: (62 - 50) / 25 = 0.48 and (37 - 50) / 25 = -0.52.
     assert fragmentation_score(c)[:, 0].tolist() == [0.5, -0.5]
-    assert quantized_fragmentation_score(c)[:, 0].tolist() == pytest.approx([0.48, -0.52])
+    assert fragmentation_steps_score(c)[:, 0].tolist() == pytest.approx([0.48, -0.52])
 
 
-def test_quantized_engine_policy_breaks_fragmentation_ties_toward_packing_then_node_order():
+def test_default_policy_breaks_fragmentation_ties_toward_packing_then_node_order():
     # Whole-GPU typical pods; a whole-GPU pod changes fragmentation by the same amount on both nodes,
     # so packing (a node already in use) decides; between equals the first node wins.
     _, view = cluster(
@@ -225,6 +224,6 @@ def test_quantized_engine_policy_breaks_fragmentation_ties_toward_packing_then_n
             Assignment("used-too", 1_000, 1_024, gpus=(0,), milli=1_000),
         ],
     )
-    policy = make_policy("default-quantized", typical_shapes([WHOLE_1]))
+    policy = make_policy("default", typical_shapes([WHOLE_1]))
     evaluation = policy.evaluate(view, WHOLE_1, rows(view))
     assert policy.choose(evaluation, np.random.default_rng(0)) == 1

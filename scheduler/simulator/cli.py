@@ -44,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--extender-weight",
         type=int,
-        default=30,
-        help="the extender's weight in the scheduler profile (default 30: above 20 no built-in score can overturn "
-        "our best node)",
+        default=100,
+        help="the extender's weight in the scheduler profile (default 100, as shipped in manifests/base; above 20 no "
+        "built-in score can overturn our best node)",
     )
     parser.add_argument(
         "--percentage-of-nodes-to-score",
@@ -58,11 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fit-strategy",
         choices=("LeastAllocated", "MostAllocated"),
-        default="LeastAllocated",
-        help="NodeResourcesFit scoring strategy in kube-scheduler mode (default LeastAllocated)",
+        default="MostAllocated",
+        help="NodeResourcesFit scoring strategy in kube-scheduler mode (default MostAllocated, as shipped)",
     )
     parser.add_argument(
-        "--no-balanced-allocation", action="store_true", help="NodeResourcesBalancedAllocation disabled"
+        "--balanced-allocation",
+        action="store_true",
+        help="NodeResourcesBalancedAllocation enabled (kube-scheduler's default; the shipped profile disables it)",
     )
     parser.add_argument("--policy-file", help="placement policy YAML for the 'default' policy")
     parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
@@ -92,7 +94,7 @@ def _kube(args: argparse.Namespace) -> KubeSchedulerOptions:
         percentage_of_nodes_to_score=args.percentage_of_nodes_to_score,
         builtin_scores=not args.no_builtin_scores,
         fit_strategy=args.fit_strategy,
-        balanced_allocation=not args.no_balanced_allocation,
+        balanced_allocation=args.balanced_allocation,
     )
 
 
