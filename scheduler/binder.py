@@ -121,8 +121,10 @@ class MemoryBinder:
             raise BindError(f"pod {key} is not known")
         if bound is None:
             return pod
-        meta = {**pod.get("metadata", {}), "annotations": {**pod.get("metadata", {}).get("annotations", {}),
-                                                            **bound.annotations}}
+        meta = {
+            **pod.get("metadata", {}),
+            "annotations": {**pod.get("metadata", {}).get("annotations", {}), **bound.annotations},
+        }
         return {**pod, "metadata": meta, "spec": {**pod.get("spec", {}), "nodeName": bound.node}}
 
     def bind(self, namespace: str, name: str, uid: str, node: str, annotations: Mapping[str, str]) -> None:

@@ -216,4 +216,3 @@ def load_fleet(path: str | Path) -> list[NodeInventory]:
             raise ValueError(f"{path}: node {(obj.get('metadata') or {}).get('name')!r} has no usable inventory")
         fleet.append(inventory)
     return fleet
-

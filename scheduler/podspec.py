@@ -133,8 +133,9 @@ def _each_container(spec: dict[str, Any], field: str) -> list[tuple[dict[str, An
         try:
             out.append((container, _container_requests(container)))
         except PodSpecError as exc:
-            raise PodSpecError(f"spec.{field}[{i}] {exc}" if str(exc).startswith("must") else
-                               f"spec.{field}[{i}].{exc}") from None
+            raise PodSpecError(
+                f"spec.{field}[{i}] {exc}" if str(exc).startswith("must") else f"spec.{field}[{i}].{exc}"
+            ) from None
     return out
 
 
