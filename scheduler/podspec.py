@@ -83,13 +83,7 @@ def _resource_list(value: Any, where: str) -> dict[str, int]:
     for name, quantity in value.items():
         if not _relevant(name):
             continue
-        try:
-            number = to_nano(quantity)
-        except ValueError as exc:
-            raise PodSpecError(f"{where}[{name}]: {exc}") from None
-        if number < 0:
-            raise PodSpecError(f"{where}[{name}]: {quantity!r} must not be negative")
-        out[name] = number
+        out[name] = _non_negative(quantity, f"{where}[{name}]")
     return out
 
 
@@ -278,16 +272,22 @@ def _annotations(pod: dict[str, Any]) -> dict[str, str]:
     return annotations
 
 
+def _non_negative(quantity: Any, where: str) -> int:
+    """A quantity in nano-units, or a PodSpecError that says where the bad value was."""
+    try:
+        number = to_nano(quantity)
+    except ValueError as exc:
+        raise PodSpecError(f"{where}: {exc}") from None
+    if number < 0:
+        raise PodSpecError(f"{where}: {quantity!r} must not be negative")
+    return number
+
+
 def _gpu_memory(annotations: dict[str, str]) -> int:
     text = annotations.get(ANNOTATION_GPU_MEMORY)
     if text is None or text == "":
         return 0
-    try:
-        exact = to_nano(text)
-    except ValueError as exc:
-        raise PodSpecError(f"annotation {ANNOTATION_GPU_MEMORY}: {exc}") from None
-    if exact < 0:
-        raise PodSpecError(f"annotation {ANNOTATION_GPU_MEMORY}: {text!r} must not be negative")
+    exact = _non_negative(text, f"annotation {ANNOTATION_GPU_MEMORY}")
     if 0 < exact < _NANO_MIB:
         raise PodSpecError(f"annotation {ANNOTATION_GPU_MEMORY}: {text!r} is under 1Mi; write a unit, e.g. '20Gi'")
     return _ceil_div(exact, _NANO_MIB)

@@ -7,9 +7,11 @@ one point of it). Fragmentation at 90 % is the cluster's fragmented GPU capacity
 
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -100,3 +102,13 @@ def summarize(workload: str, policy: str, results: list[RunResult]) -> dict[str,
         "frag_pct_at_arrival90": round(_mean(m.frag90 for m in per_seed), 2),
         "first_arrival_pct_alloc_lags_gt1pt": round(_mean(m.lag for m in per_seed), 1),
     }
+
+
+def write_csv(path: Path, rows: list[dict[str, object]], columns: Iterable[str] | None = None) -> None:
+    """Rows as a CSV with a header (the first row's keys unless `columns` is given); nothing for no rows."""
+    if not rows and columns is None:
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns if columns is not None else rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

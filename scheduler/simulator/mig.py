@@ -16,7 +16,6 @@ Requests arrive one at a time, drawn from the mix with the seed, until the compu
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from policies.demand import Demand
 from policies.fragmentation import typical_shapes
 from policies.inventory import GpuDevice, NodeInventory
 from policies.mig import MIG_TABLES
+from scheduler.simulator.metrics import write_csv
 from scheduler.simulator.replay import KubeSchedulerOptions, Replay
 
 TABLE = "H100-80GB"
@@ -164,9 +164,5 @@ def write_mig_summary(results: list[MigResult], out: Path) -> list[dict[str, obj
             asked = sum(r.placed_by_profile[profile][1] for r in runs)
             row[f"placed_pct_{profile}"] = round(100 * placed / asked, 1) if asked else ""
         rows.append(row)
-    if rows:
-        with open(out / "mig_summary.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    write_csv(out / "mig_summary.csv", rows)
     return rows

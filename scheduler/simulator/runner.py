@@ -18,7 +18,7 @@ import numpy as np
 from policies.baselines import make_policy
 from policies.config import PlacementPolicy, load_policy
 from policies.fragmentation import TypicalShapes, typical_shapes
-from scheduler.simulator.metrics import MAX_BIN, SUMMARY_COLUMNS, allocation_curve, summarize
+from scheduler.simulator.metrics import MAX_BIN, SUMMARY_COLUMNS, allocation_curve, summarize, write_csv
 from scheduler.simulator.replay import KubeSchedulerOptions, RunResult, replay
 from scheduler.simulator.trace import PodList, arrival_sequence, gpu_capacity_milli, node_order, read_nodes, read_pods
 
@@ -179,10 +179,7 @@ def group(results: Iterable[RunResult]) -> dict[tuple[str, str], list[RunResult]
 
 def write_summary(results: list[RunResult], out: Path) -> list[dict[str, object]]:
     rows = [summarize(workload, policy, runs) for (workload, policy), runs in group(results).items()]
-    with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(SUMMARY_COLUMNS))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "summary.csv", rows, SUMMARY_COLUMNS)
     return rows
 
 
@@ -229,11 +226,7 @@ def write_comparison(rows: list[dict[str, object]], reference: Path, out: Path) 
         if published:
             entry["compared_to"] = published["policy"]
         table.append(entry)
-    if table:
-        with open(out / "vs_published.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(table[0]))
-            w.writeheader()
-            w.writerows(table)
+    write_csv(out / "vs_published.csv", table)
     return table
 
 
