@@ -74,7 +74,11 @@ def run(args: argparse.Namespace) -> int:
             return 2
     watcher: ClusterWatcher | None = None
     if args.fleet:
-        service = fleet_service(args.fleet, policy)
+        try:
+            service = fleet_service(args.fleet, policy)
+        except (OSError, ValueError) as exc:
+            log.error("cannot read the fleet file", extra={"path": args.fleet, "error": str(exc)})
+            return 2
     else:
         service, watcher = live_service(args.kubeconfig, policy)
     metrics = ExtenderMetrics(service.model, watch_stats=watcher.stats if watcher else None)

@@ -208,7 +208,10 @@ def load_fleet(path: str | Path) -> list[NodeInventory]:
         fh.seek(0)
         if path.suffix.lower() == ".csv" or head.strip().startswith("sn,"):
             return [inventory_from_openb_row(row) for row in csv.DictReader(fh)]
-        objects = _node_objects(yaml.safe_load_all(fh))
+        try:
+            objects = _node_objects(yaml.safe_load_all(fh))
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {exc}") from None
     fleet = []
     for obj in objects:
         inventory = inventory_from_node(obj, include_unschedulable=True)

@@ -209,3 +209,10 @@ def test_yaml_fleet(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text(json.dumps({"kind": "Pod", "metadata": {"name": "p"}}))
     with pytest.raises(ValueError, match="expected Node objects"):
         load_fleet(tmp_path / "bad.yaml")
+
+
+def test_broken_fleet_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text("garbage: [\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_fleet(path)
