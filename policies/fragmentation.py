@@ -150,10 +150,45 @@ def fragmentation_after(
     return _after(snapshot, rows, demand, shapes, _node_terms(snapshot, rows, shapes))
 
 
+DEDUPLICATE_FROM = 256  # below this many rows, finding identical ones costs more than it saves
+
+
 def fragmentation_delta(
     snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: TypicalShapes
 ) -> np.ndarray:
-    """How much each candidate placement increases fragmentation ([R, G] or [R, 1], milli-GPU)."""
+    """How much each candidate placement increases fragmentation ([R, G] or [R, 1], milli-GPU).
+
+    Large fleets hold many nodes in the same state; each distinct state is evaluated once.
+    """
+    if len(rows) >= DEDUPLICATE_FROM:
+        first, inverse = _distinct_states(snapshot, rows, demand, shapes)
+        if len(first) < len(rows):
+            return _delta(snapshot, rows[first], demand, shapes)[inverse]
+    return _delta(snapshot, rows, demand, shapes)
+
+
+def _distinct_states(
+    snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: TypicalShapes
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose fragmentation terms are identical: same model, same free milli on every GPU, and CPU on the same
+    side of every shape's CPU request before and after the placement (CPU enters only through those
+    comparisons). Returns the index of one row per state and, for every row, its state."""
+    thresholds = np.sort(shapes.cpu_milli)
+    cpu = snapshot.cpu_free[rows]
+    key = np.column_stack(
+        (
+            snapshot.model_id[rows].astype(np.int64),
+            snapshot.gpu_free[rows].astype(np.int64),
+            np.searchsorted(thresholds, cpu, side="right"),
+            np.searchsorted(thresholds, cpu - demand.cpu_milli, side="right"),
+        )
+    )
+    packed = np.ascontiguousarray(key).view(np.dtype((np.void, key.dtype.itemsize * key.shape[1]))).ravel()
+    _, first, inverse = np.unique(packed, return_index=True, return_inverse=True)
+    return first, inverse.ravel()
+
+
+def _delta(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: TypicalShapes) -> np.ndarray:
     terms = _node_terms(snapshot, rows, shapes)  # the per-GPU terms do not depend on CPU: shared by both sides
     _, accessible, count, below, idle = terms
     before = _combine(count, below, idle, snapshot.cpu_free[rows], accessible, shapes)

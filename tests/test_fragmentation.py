@@ -67,3 +67,16 @@ def test_gpu_model_constraint_strands_capacity():
     shapes = typical_shapes([Demand(gpu_count=1, gpu_milli=1000, allowed_models=frozenset({"V100"}))])
     state = ClusterState([node("t4", gpus=1, model="T4"), node("v100", gpus=1, model="V100M16")])
     np.testing.assert_allclose(node_fragmentation(state.view(), np.arange(2), shapes), [1000.0, 0.0])
+
+
+def test_identical_nodes_are_evaluated_once_with_the_same_result(shapes):
+    from policies.fragmentation import DEDUPLICATE_FROM, _delta
+
+    nodes = [node(f"n{i}", gpus=2, cpu=1000 * (i % 7)) for i in range(DEDUPLICATE_FROM + 40)]
+    state = ClusterState(nodes)
+    for i in range(0, len(nodes), 3):
+        state.apply(f"p{i}", Assignment(f"n{i}", gpus=(i % 2,), milli=100 * (i % 10)))
+    rows = np.arange(len(nodes))
+    for pod in (Demand(cpu_milli=500, gpu_count=1, gpu_milli=300), WHOLE, CPU_ONLY):
+        expected = _delta(state.view(), rows, pod, shapes)
+        np.testing.assert_array_equal(fragmentation_delta(state.view(), rows, pod, shapes), expected)
