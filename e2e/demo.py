@@ -28,7 +28,7 @@ from e2e.fleet import create_nodes, gpu_node
 from e2e.stack import STOCK_SCHEDULER, extender_url, scheduler_config, start_extender, stock_scheduler_config
 from e2e.workload import SCHEDULER_NAME, TracePod, pod_manifest, read_openb_pods, shared_data
 from policies.config import PlacementPolicy
-from policies.engine import assign, evaluate
+from policies.engine import place_on_node
 from policies.fragmentation import node_fragmentation, typical_shapes
 from policies.state import ClusterState
 from scheduler.annotations import assignment_from_annotations
@@ -142,12 +142,10 @@ def evaluate_pool(api: kubernetes.client.ApiClient, pool: str, policy: Placement
             continue
         assignment = assignment_from_annotations(pod["metadata"].get("annotations") or {}, node, demand)
         if assignment is None:  # placed by the stock scheduler: give it the GPUs our policy would on that node
-            view = state.view()
-            evaluation = evaluate(view, demand, view.rows([node])[0], policy, shapes)
-            if not evaluation.feasible[0]:
+            assignment, _ = place_on_node(state.view(), demand, node, policy, shapes)
+            if assignment is None:
                 overcommitted += 1
                 continue
-            assignment = assign(view, demand, evaluation, 0)
         state.apply(pod["metadata"]["uid"], assignment)
         per_node[node].append((pod["metadata"]["name"], assignment.gpus, assignment.milli))
     view = state.view()

@@ -132,3 +132,18 @@ def assign(snapshot: ClusterSnapshot, demand: Demand, evaluation: Evaluation, in
     usable = np.flatnonzero(usable_gpus(snapshot, np.array([row]), demand)[0])
     gpus = tuple(int(g) for g in usable[: demand.gpu_count])
     return replace(base, gpus=gpus, milli=MILLI_PER_GPU, gpu_memory_mib=demand.gpu_memory_mib)
+
+
+def place_on_node(
+    snapshot: ClusterSnapshot, demand: Demand, node: str, policy: PlacementPolicy, shapes: TypicalShapes
+) -> tuple[Assignment | None, Reason]:
+    """The concrete resources `demand` would get on one given node (the scheduler already chose it), or None and
+    why it does not fit. Raises KeyError for a node the snapshot does not know."""
+    rows, unknown = snapshot.rows([node])
+    if unknown:
+        raise KeyError(node)
+    evaluation = evaluate(snapshot, demand, rows, policy, shapes)
+    reason = Reason(int(evaluation.reasons[0]))
+    if reason != Reason.FITS:
+        return None, reason
+    return assign(snapshot, demand, evaluation, 0), reason

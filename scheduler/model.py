@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from policies.config import PlacementPolicy
 from policies.demand import Demand, DemandKind
-from policies.engine import assign, evaluate
+from policies.engine import place_on_node
 from policies.fragmentation import TypicalShapes, typical_shapes
 from policies.inventory import Assignment, NodeInventory
 from policies.state import ClusterSnapshot, ClusterState, ConflictError
@@ -212,14 +212,10 @@ class ClusterModel:
     def _place_unannotated(self, assignment: Assignment, demand: Demand) -> Assignment:
         """A pod bound without our assignment record (another scheduler placed it) still holds GPUs: we do not
         know which, so we charge the ones our own policy would have picked. The count is what matters."""
-        view = self._state.view()
-        rows, unknown = view.rows([assignment.node])
-        if unknown:
-            raise KeyError(assignment.node)
-        evaluation = evaluate(view, demand, rows, self._policy, self._shapes)
-        if not evaluation.feasible[0]:
+        placed, _ = place_on_node(self._state.view(), demand, assignment.node, self._policy, self._shapes)
+        if placed is None:
             raise ConflictError(f"no room left on {assignment.node} for a pod placed there by someone else")
-        return assign(view, demand, evaluation, 0)
+        return placed
 
     def _expire_locked(self) -> list[str]:
         now = self._clock()

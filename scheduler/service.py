@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from policies.demand import Demand
-from policies.engine import Evaluation, assign, evaluate, extender_scores
+from policies.engine import Evaluation, assign, evaluate, extender_scores, place_on_node
 from policies.feasibility import REASON_TEXT, Reason, is_resolvable
 from policies.inventory import Assignment, NodeInventory
 from policies.state import ClusterSnapshot, ClusterState, ConflictError
@@ -191,15 +191,15 @@ class PlacementService:
         demand = self._demands.get(uid)
         if demand is None:  # we restarted since filter, or another replica filtered: read the pod
             demand = self.demand(self.binder.get_pod(namespace, name))
-        snapshot = self.model.snapshot()
-        rows, unknown = snapshot.rows([node])
-        if unknown:
-            raise BindError(f"{UNKNOWN_NODE}: {node}")
-        evaluation = evaluate(snapshot, demand, rows, self.model.policy, self.model.shapes())
-        if not evaluation.feasible[0]:
-            reason = REASON_TEXT[Reason(int(evaluation.reasons[0]))]
-            raise BindError(f"pod {namespace}/{name} no longer fits on {node}: {reason}")
-        return assign(snapshot, demand, evaluation, 0)
+        try:
+            assignment, reason = place_on_node(
+                self.model.snapshot(), demand, node, self.model.policy, self.model.shapes()
+            )
+        except KeyError:
+            raise BindError(f"{UNKNOWN_NODE}: {node}") from None
+        if assignment is None:
+            raise BindError(f"pod {namespace}/{name} no longer fits on {node}: {REASON_TEXT[reason]}")
+        return assignment
 
     # -- preempt -----------------------------------------------------------------------------------------
     def preempt(self, pod: Mapping[str, Any], candidates: Mapping[str, list[str]]) -> dict[str, list[str]]:
