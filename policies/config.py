@@ -89,6 +89,21 @@ class Reservations(_Strict):
     ttl_seconds: float = Field(120.0, gt=0, alias="ttlSeconds")
 
 
+class Overcommit(_Strict):
+    """Let batch pods asking for a GPU share run on GPUs that are fully allocated but measurably idle.
+
+    A GPU lends capacity only with fresh telemetry, no guarded tenant (an exclusive or interactive pod), enough
+    free GPU memory for the pod's declared `gpu-memory` (memory is never lent), and room under the safety margin:
+    measured busy fraction + the pod's expected busy fraction <= 1 - safetyMargin. `prefer: borrow` consolidates
+    (a safe borrowed place beats opening an idle GPU); `allocation` borrows only where the allocation is full.
+    """
+
+    enabled: bool = False
+    safety_margin: float = Field(0.15, ge=0, lt=1, alias="safetyMargin")
+    max_borrowed_milli_per_gpu: int = Field(1000, ge=0, le=4000, alias="maxBorrowedMilliPerGpu")
+    prefer: Literal["borrow", "allocation"] = "borrow"
+
+
 class PlacementPolicy(_Strict):
     api_version: Literal["gpu-extender.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
     kind: Literal["PlacementPolicy"] = "PlacementPolicy"
@@ -99,6 +114,7 @@ class PlacementPolicy(_Strict):
     )
     extender_scoring: ExtenderScoring = Field(default_factory=ExtenderScoring, alias="extenderScoring")
     reservations: Reservations = Field(default_factory=Reservations)
+    overcommit: Overcommit = Field(default_factory=Overcommit)
 
 
 class PolicyError(ValueError):

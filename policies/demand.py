@@ -16,13 +16,21 @@ class DemandKind(StrEnum):
 
 
 class LatencyClass(StrEnum):
+    """How much interference a pod tolerates. Interactive pods never share a GPU beyond its allocation, in
+    either direction; batch pods may borrow measured idle capacity when the policy allows overcommit."""
+
     INTERACTIVE = "interactive"
     BATCH = "batch"
 
 
 @dataclass(frozen=True)
 class Demand:
-    """A pod's request. `gpu_milli` is per GPU: 1000 for whole GPUs, below 1000 for a share."""
+    """A pod's request. `gpu_milli` is per GPU: 1000 for whole GPUs, below 1000 for a share.
+
+    `shareable`: asked through the fractional resource, so the pod runs on a shared GPU (even at 1000 milli) and
+    may be placed on borrowed idle capacity. `expected_busy`: the busy fraction (0..1) the pod is expected to add
+    to its GPU, when declared; without it the pod is assumed to use its whole share.
+    """
 
     cpu_milli: int = 0
     memory_mib: int = 0
@@ -33,6 +41,8 @@ class Demand:
     allowed_models: frozenset[str] = frozenset()
     model_name: str | None = None
     latency_class: LatencyClass = LatencyClass.BATCH
+    shareable: bool = False
+    expected_busy: float | None = None
 
     @property
     def kind(self) -> DemandKind:
@@ -47,6 +57,25 @@ class Demand:
     @property
     def gpu_milli_total(self) -> int:
         return self.gpu_count * self.gpu_milli
+
+    @property
+    def shares_gpu(self) -> bool:
+        """The pod runs on a GPU that others may use too (a share, or a whole GPU asked as a share)."""
+        return self.kind is DemandKind.SHARE or (self.shareable and self.kind is DemandKind.WHOLE)
+
+    @property
+    def guards_gpu(self) -> bool:
+        """Its GPUs must carry no borrowed shares: an exclusive GPU, or a latency class that forbids interference."""
+        if self.kind not in (DemandKind.WHOLE, DemandKind.SHARE):
+            return False
+        return not self.shares_gpu or self.latency_class is LatencyClass.INTERACTIVE
+
+    @property
+    def busy_estimate(self) -> float:
+        """The load this pod adds to one of its GPUs: declared, else its whole share."""
+        if self.expected_busy is not None:
+            return self.expected_busy
+        return self.gpu_milli / MILLI_PER_GPU
 
     @property
     def shape(self) -> tuple[int, int, int, frozenset[str]]:

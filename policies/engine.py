@@ -12,7 +12,7 @@ import numpy as np
 
 from policies.config import PlacementPolicy
 from policies.demand import Demand, DemandKind
-from policies.feasibility import Reason, feasibility, usable_gpus
+from policies.feasibility import Reason, borrowable_gpus, feasibility, may_borrow, usable_gpus
 from policies.fragmentation import TypicalShapes
 from policies.inventory import MILLI_PER_GPU, Assignment, MigPlacement
 from policies.scoring import FRAGMENTATION_SCORERS, SCORERS, Candidates
@@ -31,10 +31,14 @@ class Evaluation:
     choice: np.ndarray  # int [R], best placement column per row (-1 where none)
     mig_start: np.ndarray  # int [R], chosen MIG start slot (-1 where none)
     components: dict[str, np.ndarray]  # per-scorer value at the chosen column, for explanations
+    borrowed: np.ndarray | None = None  # bool [R], the placement runs on borrowed idle capacity (overcommit)
 
     @property
     def feasible(self) -> np.ndarray:
         return self.reasons == Reason.FITS
+
+    def is_borrowed(self, index: int) -> bool:
+        return self.borrowed is not None and bool(self.borrowed[index])
 
     def best(self) -> int | None:
         """Index (into `rows`) of the preferred placement; ties go to the earliest row."""
@@ -57,7 +61,8 @@ def evaluate(
     choice = np.full(n, -1, dtype=np.int64)
     mig_start = np.full(n, -1, dtype=np.int64)
     components: dict[str, np.ndarray] = {}
-    ok = np.flatnonzero(reasons == Reason.FITS)
+    lend, borrowed = _borrowing(snapshot, rows, demand, policy, reasons)
+    ok = np.flatnonzero((reasons == Reason.FITS) & ~borrowed)
     if score and len(ok):
         candidates = Candidates(snapshot, rows[ok], demand, shapes)
         total = np.zeros(candidates.valid.shape)
@@ -79,7 +84,61 @@ def evaluate(
             full = np.full(n, np.nan)
             full[ok] = np.broadcast_to(value, total.shape)[picked, best_col]
             components[name] = full
-    return Evaluation(rows, reasons, scores, choice, mig_start, components)
+    if score and borrowed.any():
+        _score_borrowed(snapshot, rows, lend, borrowed, policy, scores, choice, components)
+    return Evaluation(rows, reasons, scores, choice, mig_start, components, borrowed)
+
+
+# GPU capacity rejections that measured idle capacity can cure.
+_CAPACITY_REASONS = (Reason.NO_GPU_SHARE, Reason.GPUS_BUSY)
+
+
+def _borrowing(
+    snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, policy: PlacementPolicy, reasons: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """GPUs that lend to the demand ([R, G]) and the rows placed on borrowed capacity ([R]); marks cured rows
+    feasible in `reasons`. Only GPUs whose allocation cannot hold the share lend: free allocation is used first."""
+    overcommit = policy.overcommit
+    if not may_borrow(demand, overcommit):
+        return np.zeros((len(rows), 0), dtype=bool), np.zeros(len(rows), dtype=bool)
+    lend = borrowable_gpus(snapshot, rows, demand, overcommit) & ~usable_gpus(snapshot, rows, demand)
+    can_borrow = lend.any(axis=1)
+    cured = can_borrow & np.isin(reasons, _CAPACITY_REASONS)
+    reasons[cured] = Reason.FITS
+    borrowed = cured
+    if overcommit.prefer == "borrow":
+        borrowed = can_borrow & (reasons == Reason.FITS)
+    return lend, borrowed
+
+
+def _score_borrowed(
+    snapshot: ClusterSnapshot,
+    rows: np.ndarray,
+    lend: np.ndarray,
+    borrowed: np.ndarray,
+    policy: PlacementPolicy,
+    scores: np.ndarray,
+    choice: np.ndarray,
+    components: dict[str, np.ndarray],
+) -> None:
+    """Borrowed placements go on the lending GPU with the most measured headroom (least interference), and rank
+    as a block above (`prefer: borrow`) or below (`allocation`) every placement on allocated capacity."""
+    at = np.flatnonzero(borrowed)
+    headroom = np.where(lend[at], 1.0 - snapshot.gpu_util[rows[at]], -np.inf)
+    best_col = np.argmax(headroom, axis=1)
+    best = headroom[np.arange(len(at)), best_col]
+    allocated = scores[np.isfinite(scores)]
+    if not len(allocated):
+        offset = 0.0
+    elif policy.overcommit.prefer == "borrow":
+        offset = float(allocated.max()) + 1.0
+    else:
+        offset = float(allocated.min()) - 2.0
+    scores[at] = offset + best
+    choice[at] = best_col
+    full = np.full(len(rows), np.nan)
+    full[at] = best
+    components["borrowed_headroom"] = full
 
 
 def extender_scores(evaluation: Evaluation, mode: str = "rank") -> np.ndarray:
@@ -114,7 +173,7 @@ def assign(snapshot: ClusterSnapshot, demand: Demand, evaluation: Evaluation, in
         raise ValueError("cannot assign an infeasible placement")
     row = int(evaluation.rows[index])
     node = snapshot.names[row]
-    base = Assignment(node=node, cpu_milli=demand.cpu_milli, memory_mib=demand.memory_mib)
+    base = Assignment(node=node, cpu_milli=demand.cpu_milli, memory_mib=demand.memory_mib, guarded=demand.guards_gpu)
     kind = demand.kind
     if kind is DemandKind.NONE:
         return base
@@ -125,10 +184,17 @@ def assign(snapshot: ClusterSnapshot, demand: Demand, evaluation: Evaluation, in
             raise ValueError("evaluation was not scored; cannot choose a MIG slot")
         assert demand.mig_profile is not None
         return replace(base, mig=MigPlacement(gpu=column, profile=demand.mig_profile, start=start))
-    if kind is DemandKind.SHARE:
+    borrowed = evaluation.is_borrowed(index)
+    if kind is DemandKind.SHARE or borrowed:
         if column < 0:
             raise ValueError("evaluation was not scored; cannot choose a GPU")
-        return replace(base, gpus=(column,), milli=demand.gpu_milli, gpu_memory_mib=demand.gpu_memory_mib)
+        return replace(
+            base,
+            gpus=(column,),
+            milli=demand.gpu_milli,
+            gpu_memory_mib=demand.gpu_memory_mib,
+            borrowed=borrowed,
+        )
     usable = np.flatnonzero(usable_gpus(snapshot, np.array([row]), demand)[0])
     gpus = tuple(int(g) for g in usable[: demand.gpu_count])
     return replace(base, gpus=gpus, milli=MILLI_PER_GPU, gpu_memory_mib=demand.gpu_memory_mib)

@@ -6,6 +6,7 @@ from enum import IntEnum
 
 import numpy as np
 
+from policies.config import Overcommit
 from policies.demand import Demand, DemandKind, model_allowed
 from policies.mig import MIG_TABLES, free_starts
 from policies.state import MIG_TABLE_NAMES, ClusterSnapshot
@@ -140,4 +141,32 @@ def usable_gpus(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand) -> 
     usable = snapshot.gpu_free[rows] >= demand.gpu_milli
     if demand.gpu_memory_mib:
         usable &= snapshot.gpu_mem_free[rows] >= demand.gpu_memory_mib
+    if demand.guards_gpu:
+        usable &= snapshot.gpu_borrowed[rows] == 0
     return usable & snapshot.gpu_present[rows]
+
+
+def may_borrow(demand: Demand, overcommit: Overcommit) -> bool:
+    """Whether the pod may run on borrowed idle capacity at all (see `Overcommit`)."""
+    return (
+        overcommit.enabled
+        and demand.gpu_count == 1
+        and demand.shares_gpu
+        and not demand.guards_gpu
+        and demand.gpu_memory_mib > 0  # memory is never lent, so it must be declared
+        and demand.gpu_milli <= overcommit.max_borrowed_milli_per_gpu
+    )
+
+
+def borrowable_gpus(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, overcommit: Overcommit) -> np.ndarray:
+    """bool [R, G]: GPUs that can lend measured idle capacity to the demand's share. Unknown load lends nothing."""
+    util = snapshot.gpu_util[rows]
+    with np.errstate(invalid="ignore"):
+        idle_enough = util + demand.busy_estimate <= 1.0 - overcommit.safety_margin  # NaN compares False
+    return (
+        snapshot.gpu_present[rows]
+        & idle_enough
+        & (snapshot.gpu_guarded[rows] == 0)
+        & (snapshot.gpu_borrowed[rows] + demand.gpu_milli <= overcommit.max_borrowed_milli_per_gpu)
+        & (snapshot.gpu_mem_free[rows] >= demand.gpu_memory_mib)
+    )

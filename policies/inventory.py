@@ -58,7 +58,12 @@ class MigPlacement:
 
 @dataclass(frozen=True)
 class Assignment:
-    """The concrete resources a pod holds on a node. Whole GPUs hold `milli` = 1000 on each listed GPU."""
+    """The concrete resources a pod holds on a node. Whole GPUs hold `milli` = 1000 on each listed GPU.
+
+    `borrowed`: the share runs on measured idle capacity of a GPU whose allocation was full (overcommit), so it
+    does not count against the GPU's allocatable share. `guarded`: the pod's latency class forbids others from
+    borrowing on its GPUs.
+    """
 
     node: str
     cpu_milli: int = 0
@@ -67,6 +72,8 @@ class Assignment:
     milli: int = 0
     gpu_memory_mib: int = 0
     mig: MigPlacement | None = None
+    borrowed: bool = False
+    guarded: bool = False
 
     @property
     def gpu_milli_total(self) -> int:

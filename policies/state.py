@@ -16,6 +16,8 @@ from policies.inventory import MILLI_PER_GPU, Assignment, NodeInventory
 from policies.mig import MIG_TABLES
 
 MAX_GPUS_DEFAULT = 8
+# The ledger's ceiling on borrowed shares per GPU, whatever the policy says: four extra full shares.
+MAX_BORROWED_MILLI = 4 * MILLI_PER_GPU
 
 
 class ConflictError(Exception):
@@ -41,6 +43,8 @@ class ClusterSnapshot:
     gpu_mem_total: np.ndarray  # int32 [N, G] MiB
     gpu_mem_free: np.ndarray  # int32 [N, G] MiB
     gpu_util: np.ndarray  # float32 [N, G] measured busy fraction 0..1, NaN where unknown
+    gpu_borrowed: np.ndarray  # int32 [N, G] milli-GPU of shares running on borrowed idle capacity
+    gpu_guarded: np.ndarray  # int16 [N, G] tenants whose latency class forbids borrowing on the GPU
     mig_table: np.ndarray  # int8 [N, G] index into MIG_TABLE_NAMES, -1 where the GPU is not in MIG mode
     mig_occupied: np.ndarray  # uint8 [N, G] bitmask of memory slices held by pods
     # GPUs whose MIG instances already exist (a static layout): (row, gpu) -> ((profile, start), ...). A pod can
@@ -113,6 +117,8 @@ class ClusterState:
         self.gpu_free = np.where(self.gpu_present, MILLI_PER_GPU, 0).astype(np.int32)
         self.gpu_mem_free = np.where(self.gpu_present, self.gpu_mem_total, 0).astype(np.int32)
         self.gpu_util = np.full((n, g), np.nan, dtype=np.float32)
+        self.gpu_borrowed = np.zeros((n, g), dtype=np.int32)
+        self.gpu_guarded = np.zeros((n, g), dtype=np.int16)
         self.mig_occupied = np.zeros((n, g), dtype=np.uint8)
         self._generation += 1
 
@@ -166,7 +172,14 @@ class ClusterState:
         for g in gpus:
             if g >= self.gpu_present.shape[1] or not self.gpu_present[i, g]:
                 raise ConflictError(f"node {a.node} has no shareable GPU {g}")
-            if self.gpu_free[i, g] < a.milli:
+            if a.borrowed and self.gpu_guarded[i, g]:
+                raise ConflictError(f"GPU {g} on {a.node} runs a pod that forbids borrowing on its GPU")
+            if a.guarded and self.gpu_borrowed[i, g]:
+                raise ConflictError(f"GPU {g} on {a.node} runs borrowed shares; this pod may not share with them")
+            if a.borrowed:
+                if self.gpu_borrowed[i, g] + a.milli > MAX_BORROWED_MILLI:
+                    raise ConflictError(f"GPU {g} on {a.node} already carries {self.gpu_borrowed[i, g]} milli borrowed")
+            elif self.gpu_free[i, g] < a.milli:
                 raise ConflictError(f"GPU {g} on {a.node} has {self.gpu_free[i, g]} milli free, {a.milli} asked")
             if a.gpu_memory_mib and self.gpu_mem_free[i, g] < a.gpu_memory_mib:
                 raise ConflictError(f"GPU {g} on {a.node} has too little memory free")
@@ -187,8 +200,13 @@ class ClusterState:
         self.cpu_free[i] += sign * a.cpu_milli
         self.mem_free[i] += sign * a.memory_mib
         for g in a.gpus:
-            self.gpu_free[i, g] += sign * a.milli
+            if a.borrowed:
+                self.gpu_borrowed[i, g] -= sign * a.milli
+            else:
+                self.gpu_free[i, g] += sign * a.milli
             self.gpu_mem_free[i, g] += sign * a.gpu_memory_mib
+            if a.guarded:
+                self.gpu_guarded[i, g] -= sign
         if a.mig is not None:
             profile = MIG_TABLES[MIG_TABLE_NAMES[self.mig_table[i, a.mig.gpu]]].profile(a.mig.profile)
             assert profile is not None
@@ -221,6 +239,8 @@ class ClusterState:
             gpu_mem_total=self.gpu_mem_total,
             gpu_mem_free=self.gpu_mem_free,
             gpu_util=self.gpu_util,
+            gpu_borrowed=self.gpu_borrowed,
+            gpu_guarded=self.gpu_guarded,
             mig_table=self.mig_table,
             mig_occupied=self.mig_occupied,
             mig_layout=MappingProxyType(self._mig_layout),
@@ -241,6 +261,8 @@ class ClusterState:
             "gpu_mem_total",
             "gpu_mem_free",
             "gpu_util",
+            "gpu_borrowed",
+            "gpu_guarded",
             "mig_table",
             "mig_occupied",
         ):

@@ -125,6 +125,7 @@ class AssignmentDoc(_Doc):
     milli: int = Field(0, ge=0, le=MILLI_PER_GPU)
     gpu_memory_mib: int = Field(0, ge=0, alias="gpuMemoryMiB")
     mig: MigPlacementDoc | None = None
+    borrowed: bool | None = None  # written only when true: the share runs on borrowed idle capacity
 
 
 def _fraction(numerator: int, denominator: int) -> str:
@@ -147,6 +148,7 @@ def assignment_annotations(assignment: Assignment, node: NodeInventory | None = 
         milli=assignment.milli,
         gpuMemoryMiB=assignment.gpu_memory_mib,
         mig=MigPlacementDoc(gpu=mig.gpu, profile=mig.profile, start=mig.start) if mig else None,
+        borrowed=True if assignment.borrowed else None,
     )
     out = {ASSIGNMENT: doc.model_dump_json(by_alias=True, exclude_none=True)}
     indices = [mig.gpu] if mig else list(assignment.gpus)
@@ -160,7 +162,7 @@ def assignment_annotations(assignment: Assignment, node: NodeInventory | None = 
         uuids = [devices[i].uuid if i in devices else "" for i in assignment.gpus]
     if uuids and all(uuids):
         out[GPU_UUIDS] = ",".join(uuids)
-    if assignment.gpus and 0 < assignment.milli < MILLI_PER_GPU:
+    if assignment.gpus and (0 < assignment.milli < MILLI_PER_GPU or assignment.borrowed):
         gpu = devices.get(assignment.gpus[0])
         if assignment.gpu_memory_mib and gpu is not None and gpu.memory_mib:
             out[GPU_MEMORY_FRACTION] = _fraction(min(assignment.gpu_memory_mib, gpu.memory_mib), gpu.memory_mib)
@@ -179,6 +181,8 @@ def _matches(doc: AssignmentDoc, demand: Demand) -> bool:
     if kind is DemandKind.NONE:
         return not doc.gpus
     if len(doc.gpus) != demand.gpu_count or len(set(doc.gpus)) != len(doc.gpus):
+        return False
+    if doc.borrowed and demand.guards_gpu:
         return False
     return doc.milli == (MILLI_PER_GPU if kind is DemandKind.WHOLE else demand.gpu_milli)
 
@@ -205,6 +209,8 @@ def assignment_from_annotations(
         milli=doc.milli,
         gpu_memory_mib=doc.gpu_memory_mib,
         mig=mig,
+        borrowed=bool(doc.borrowed),
+        guarded=demand.guards_gpu,
     )
 
 

@@ -9,6 +9,7 @@ exact integers of nano-units, the API server's own precision. A pod the extender
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -45,6 +46,7 @@ ANNOTATION_GPU_MEMORY = "gpu-extender.io/gpu-memory"
 ANNOTATION_MODEL = "gpu-extender.io/model"
 ANNOTATION_LATENCY_CLASS = "gpu-extender.io/latency-class"
 ANNOTATION_GPU_TYPES = "gpu-extender.io/gpu-types"
+ANNOTATION_EXPECTED_BUSY = "gpu-extender.io/expected-busy"
 
 _HOST_RESOURCES = ("cpu", "memory")
 _NANO_MILLI = NANO // 1000
@@ -186,13 +188,13 @@ def _gpu_fields(requests: dict[str, int]) -> dict[str, Any]:
         return {"gpu_count": whole, "gpu_milli": MILLI_PER_GPU}
     if milli:
         if milli < MILLI_PER_GPU:
-            return {"gpu_count": 1, "gpu_milli": milli}
+            return {"gpu_count": 1, "gpu_milli": milli, "shareable": True}
         if milli % MILLI_PER_GPU:
             raise PodSpecError(
                 f"{GPU_MILLI_RESOURCE}: {milli} is more than one GPU but not whole GPUs; "
                 f"ask below {MILLI_PER_GPU} for a share or a multiple of {MILLI_PER_GPU}"
             )
-        return {"gpu_count": milli // MILLI_PER_GPU, "gpu_milli": MILLI_PER_GPU}
+        return {"gpu_count": milli // MILLI_PER_GPU, "gpu_milli": MILLI_PER_GPU, "shareable": True}
     name, count = next(iter(migs.items()))
     if count != NANO:
         raise PodSpecError(f"{name}: {count / NANO:g} instances asked; a pod may hold one MIG instance")
@@ -304,6 +306,19 @@ def _latency(annotations: dict[str, str]) -> LatencyClass:
         raise PodSpecError(f"annotation {ANNOTATION_LATENCY_CLASS}: {text!r} is not one of {choices}") from None
 
 
+def _expected_busy(annotations: dict[str, str]) -> float | None:
+    text = annotations.get(ANNOTATION_EXPECTED_BUSY)
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise PodSpecError(f"annotation {ANNOTATION_EXPECTED_BUSY}: {text!r} is not a busy fraction from 0 to 1")
+    return value
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -321,6 +336,7 @@ def demand_from_pod(pod: dict[str, Any]) -> Demand:
         allowed_models=_allowed_models(pod["spec"], annotations),
         model_name=model,
         latency_class=_latency(annotations),
+        expected_busy=_expected_busy(annotations),
         **gpu,
     )
 
@@ -334,7 +350,13 @@ def host_demand(pod: dict[str, Any]) -> Demand:
     )
 
 
-_POD_ANNOTATIONS = (ANNOTATION_GPU_MEMORY, ANNOTATION_MODEL, ANNOTATION_LATENCY_CLASS, ANNOTATION_GPU_TYPES)
+_POD_ANNOTATIONS = (
+    ANNOTATION_GPU_MEMORY,
+    ANNOTATION_MODEL,
+    ANNOTATION_LATENCY_CLASS,
+    ANNOTATION_GPU_TYPES,
+    ANNOTATION_EXPECTED_BUSY,
+)
 _CACHE_LIMIT = 4096
 _demand_cache: dict[bytes, Demand] = {}
 

@@ -41,6 +41,7 @@ __all__ = [
     "TelemetryView",
     "add_arguments",
     "config_from_args",
+    "smooth",
 ]
 
 log = logging.getLogger("gpu_extender.telemetry")
@@ -52,6 +53,8 @@ FB_FREE = "DCGM_FI_DEV_FB_FREE"  # MiB
 BUSY_METRICS = (ENGINE_ACTIVE, GPU_UTIL)  # in order of preference
 _SCALE = {ENGINE_ACTIVE: 1.0, GPU_UTIL: 0.01}
 
+Smoothing = Literal["mean", "p90", "p99", "max"]
+_PERCENTILE = {"p90": 90, "p99": 99, "max": 100}
 GpuKey = tuple[str, int]  # (node, GPU index)
 EstimateHook = Callable[[], Iterable[tuple[float, Assignment]]]  # (unix time bound, assignment)
 
@@ -64,7 +67,7 @@ class TelemetryConfig:
     interval_s: float = 15.0
     window_s: float = 60.0
     max_age_s: float = 90.0
-    smoothing: Literal["mean", "p90"] = "mean"
+    smoothing: Smoothing = "mean"
     timeout_s: float = 5.0
     node_labels: tuple[str, ...] = ("Hostname", "node", "kubernetes_node")
     gpu_label: str = "gpu"
@@ -73,8 +76,8 @@ class TelemetryConfig:
     headers: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.smoothing not in ("mean", "p90"):
-            raise ValueError(f"smoothing must be 'mean' or 'p90', not {self.smoothing!r}")
+        if self.smoothing not in ("mean", *_PERCENTILE):
+            raise ValueError(f"smoothing must be mean, p90, p99 or max, not {self.smoothing!r}")
         if self.interval_s <= 0 or self.window_s <= 0 or self.max_age_s <= 0:
             raise ValueError("interval_s, window_s and max_age_s must be positive")
 
@@ -100,7 +103,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=90.0,
         help="a GPU whose newest sample is older is unknown (allocation only)",
     )
-    group.add_argument("--telemetry-smoothing", choices=["mean", "p90"], default="mean")
+    group.add_argument("--telemetry-smoothing", choices=["mean", *_PERCENTILE], default="mean")
+    group.add_argument(
+        "--telemetry-estimate-grace",
+        type=float,
+        default=0.0,
+        help="seconds a new pod keeps counting at its whole share after the first sample that could show it "
+        "(with a long window, set it near the window so old samples do not hide new load)",
+    )
     group.add_argument("--telemetry-selector", default="", help="extra label matchers, e.g. 'job=\"gpu-node-agent\"'")
 
 
@@ -114,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> TelemetryConfig | None:
         max_age_s=args.telemetry_max_age,
         smoothing=args.telemetry_smoothing,
         selector=args.telemetry_selector,
+        estimate_grace_s=args.telemetry_estimate_grace,
     )
 
 
@@ -128,6 +139,14 @@ class TelemetryView:
     fresh_nodes: int = 0
     stale_nodes: int = 0
     computed_at: float = 0.0
+
+
+def smooth(values: Iterable[float] | np.ndarray, how: Smoothing, axis: int | None = None) -> np.ndarray:
+    """Busy fraction from a window of samples: the mean, or a high percentile (p99 and max see rare bursts,
+    the right choice when the value decides whether a GPU may lend idle capacity)."""
+    if how == "mean":
+        return np.mean(values, axis=axis)
+    return np.percentile(values, _PERCENTILE[how], axis=axis)
 
 
 class RecentBindings:
@@ -323,9 +342,7 @@ class TelemetryStore:
         recent = [v for ts, v in points.items() if ts >= now - self.config.window_s]
         if not recent:
             return points[max(points)]
-        if self.config.smoothing == "p90":
-            return float(np.percentile(recent, 90))
-        return float(np.mean(recent))
+        return float(smooth(recent, self.config.smoothing))
 
     def _estimated(self, newest: Mapping[GpuKey, float]) -> dict[GpuKey, float]:
         """Load of pods bound after a GPU's newest sample (plus the grace), by GPU with fresh data."""

@@ -89,7 +89,7 @@ def test_inventory_absent_or_not_json() -> None:
 
 def test_whole_gpu_round_trip() -> None:
     demand = Demand(cpu_milli=4000, memory_mib=8192, gpu_count=2, gpu_milli=1000)
-    assignment = Assignment("n1", 4000, 8192, (1, 2), 1000)
+    assignment = Assignment("n1", 4000, 8192, (1, 2), 1000, guarded=True)  # an exclusive GPU forbids borrowing
     out = assignment_annotations(assignment, NODE)
     assert json.loads(out[ASSIGNMENT]) == {"v": 1, "node": "n1", "gpus": [1, 2], "milli": 1000, "gpuMemoryMiB": 0}
     assert out[GPU_INDICES] == "1,2"

@@ -1,0 +1,58 @@
+"""The utilization evaluation on a hand-made trace: calm replicas share GPUs, bursty ones keep theirs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from policies.config import Overcommit, PlacementPolicy
+from policies.demand import Demand
+from policies.fragmentation import typical_shapes
+from scheduler.simulator.duty_cycle import DutyTrace, arrival_steps, declared_busy, replay
+
+SHAPES = typical_shapes([Demand(gpu_count=1, gpu_milli=1000, shareable=True)])
+SHARING = PlacementPolicy(overcommit=Overcommit(enabled=True, safetyMargin=0.1))
+
+
+def trace(busy: np.ndarray, memory_gib: int = 30) -> DutyTrace:
+    steps, pods = busy.shape
+    return DutyTrace(
+        step_s=60.0,
+        busy=busy,
+        memory_mib=np.full(pods, memory_gib * 1024),
+        first=np.zeros(pods, dtype=np.int64),
+        last=np.full(pods, steps - 1),
+        pods=tuple(f"p{i}" for i in range(pods)),
+    )
+
+
+def run(t: DutyTrace, policy: PlacementPolicy):
+    return replay(t, policy, "arm", start=10, gpu="h100", window=10, smoothing="p99", shapes=SHAPES, grace=1)
+
+
+def test_calm_replicas_share_gpus_only_under_the_utilization_aware_policy() -> None:
+    calm = trace(np.full((60, 4), 0.1))
+    alone, shared = run(calm, PlacementPolicy()), run(calm, SHARING)
+    assert alone.placed == shared.placed == 4 and alone.failed == shared.failed == 0
+    assert alone.gpus_peak == 4 and abs(alone.busy_mean - 0.1) < 1e-9
+    assert shared.gpus_peak == 2  # two per GPU: the policy caps borrowing at one extra whole share
+    assert shared.busy_mean > 1.9 * alone.busy_mean and shared.hot_share == 0  # alone only while rolling out
+
+
+def test_a_bursty_replica_neither_borrows_nor_lends() -> None:
+    busy = np.full((60, 3), 0.1)
+    busy[::5, 0] = 0.95  # pod 0 bursts above 90 % every fifth sample, history included
+    result = run(trace(busy), SHARING)
+    assert declared_busy(trace(busy), 10)[0] == np.float64(0.95)
+    assert result.gpus_peak == 2  # the calm pair shares; the bursty pod stays alone
+    assert result.shared_hot_share == 0 and result.hot_share > 0
+
+
+def test_memory_is_never_lent() -> None:
+    result = run(trace(np.full((60, 4), 0.1), memory_gib=45), SHARING)  # two would need 92 GiB of an 80 GB GPU
+    assert result.gpus_peak == 4
+
+
+def test_rollout_order() -> None:
+    t = trace(np.full((30, 3), 0.1))
+    t = DutyTrace(t.step_s, t.busy, t.memory_mib, np.array([0, 0, 20]), np.array([29, 5, 29]), t.pods)
+    assert arrival_steps(t, start=10).tolist() == [10, -1, 20]
