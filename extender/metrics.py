@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from policies.fragmentation import node_fragmentation
+from policies.state import ClusterSnapshot
 from scheduler.model import ClusterModel
 
 # Sub-millisecond resolution: every millisecond spent here is lost scheduler throughput.
@@ -37,6 +38,11 @@ class FleetCollector(Collector):
             "Idle GPU capacity the typical pod shapes could not use (FGD measure), in GPUs",
             fragmented,
         )
+        borrowed = float(snapshot.gpu_borrowed.sum()) / 1000.0
+        yield GaugeMetricFamily(
+            "gpu_extender_borrowed_gpus", "GPU shares running on borrowed idle capacity (overcommit), in GPUs", borrowed
+        )
+        yield from _measured_load(snapshot)
         yield GaugeMetricFamily("gpu_extender_nodes", "Nodes in the cluster view", float(snapshot.size))
         yield GaugeMetricFamily("gpu_extender_ready", "1 when the cluster view is complete", float(self._model.ready))
         yield GaugeMetricFamily(
@@ -44,6 +50,23 @@ class FleetCollector(Collector):
             "Bind-time reservations not yet seen by the watch",
             self._model.reservation_count(),
         )
+
+
+def _measured_load(snapshot: ClusterSnapshot) -> Iterator[GaugeMetricFamily]:
+    """What allocated GPUs really do, where telemetry is fresh: busy capacity, and allocated capacity left idle
+    (the waste allocation-only scheduling cannot see)."""
+    known = snapshot.gpu_present & ~np.isnan(snapshot.gpu_util)
+    allocated = np.clip((1000 - snapshot.gpu_free[known]) / 1000.0, 0.0, 1.0)
+    busy = np.clip(snapshot.gpu_util[known], 0.0, 1.0)
+    yield GaugeMetricFamily("gpu_extender_measured_gpus", "GPUs with a fresh utilization sample", float(known.sum()))
+    yield GaugeMetricFamily(
+        "gpu_extender_busy_gpus", "Measured busy capacity of GPUs with fresh samples, in GPUs", float(busy.sum())
+    )
+    yield GaugeMetricFamily(
+        "gpu_extender_idle_allocated_gpus",
+        "Allocated GPU capacity that is measurably idle (allocated minus busy, per GPU), in GPUs",
+        float(np.clip(allocated - busy, 0.0, None).sum()),
+    )
 
 
 class WatchCollector(Collector):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
+from extender.metrics import FleetCollector
 from policies.config import Overcommit, PlacementPolicy
 from policies.demand import Demand, LatencyClass
 from policies.engine import assign, evaluate
@@ -13,6 +15,7 @@ from policies.fragmentation import typical_shapes
 from policies.inventory import Assignment, GpuDevice, NodeInventory
 from policies.state import ClusterState, ConflictError
 from scheduler.annotations import assignment_annotations, assignment_from_annotations
+from scheduler.model import ClusterModel
 from scheduler.podspec import PodSpecError, demand_from_pod
 
 GIB = 1024
@@ -182,3 +185,21 @@ def test_pod_spec_reads_shareable_requests_and_expected_busy() -> None:
     for bad in ("1.5", "nan", "half"):
         with pytest.raises(PodSpecError, match="expected-busy"):
             demand_from_pod(_pod({"gpu-extender.io/gpu-milli": "500"}, {"gpu-extender.io/expected-busy": bad}))
+
+
+def test_fleet_metrics_show_borrowed_and_idle_allocated_capacity() -> None:
+    model = ClusterModel(ON)
+    model.replace_nodes([h100_node("n1")])
+    model.pod_bound("t0", _held(REPLICA, 0), REPLICA)  # GPU 0 allocated, 20 % busy
+    model.pod_bound("b", Assignment("n1", 0, 0, (0,), 1000, 30 * GIB, borrowed=True), REPLICA)
+    util = np.full(model.snapshot().gpu_util.shape, np.nan, dtype=np.float32)
+    util[0, :2] = (0.2, 0.0)  # GPU 1 idle and unallocated: nothing wasted there
+    model.set_utilization(util)
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(model))
+    value = registry.get_sample_value
+    assert value("gpu_extender_borrowed_gpus") == 1.0
+    assert value("gpu_extender_allocated_gpus") == 1.0  # borrowed shares hold no allocation
+    assert value("gpu_extender_measured_gpus") == 2.0
+    assert value("gpu_extender_busy_gpus") == pytest.approx(0.2)
+    assert value("gpu_extender_idle_allocated_gpus") == pytest.approx(0.8)
