@@ -76,11 +76,31 @@ def published_inventory(hostname: str, spec: str) -> str:
     return doc.model_dump_json(by_alias=True, exclude_none=True)
 
 
+def start_agents(
+    specs: dict[str, str], ports: dict[str, int], workdir: Path, started: list[procs.Component]
+) -> dict[str, str]:
+    """One agent per node on the fake NVML ``specs[node]``, serving `/metrics` on ``ports[node]`` without
+    publishing to the API server; returns node -> base URL once each answers `/healthz`. Every process is appended
+    to ``started`` as soon as it exists, so the caller's teardown stops it even when a later one fails."""
+    agents: dict[str, procs.Component] = {}
+    for node, spec in specs.items():
+        argv = [sys.executable, "-m", "extender.cli", "agent", "--nvml", f"fake:{spec}", "--hostname", node]
+        argv += ["--host", "127.0.0.1", "--port", str(ports[node]), "--no-publish", "--interval", "1"]
+        agents[node] = procs.spawn(f"agent-{node}", argv, workdir / "logs" / f"agent-{node}.log")
+        started.append(agents[node])
+    for node, agent in agents.items():
+        url = f"http://127.0.0.1:{ports[node]}/healthz"
+        procs.wait_until(agent, lambda u=url: procs.http_ok(u), "/healthz", 30)
+    return {node: f"http://127.0.0.1:{ports[node]}" for node in specs}
+
+
 class TelemetryExtender(Extender):
     """The live extender with the telemetry store on: it reads utilization from ``prometheus_url``."""
 
-    def __init__(self, plane: ControlPlane, policy: Path, prometheus_url: str) -> None:
-        super().__init__(plane, name="gpu-extender-telemetry", policy=policy)
+    def __init__(
+        self, plane: ControlPlane, policy: Path, prometheus_url: str, name: str = "gpu-extender-telemetry"
+    ) -> None:
+        super().__init__(plane, name=name, policy=policy)
         self.telemetry_args = [
             f"--prometheus-url={prometheus_url}",
             f"--telemetry-interval={INTERVAL_S:g}",
@@ -189,13 +209,7 @@ def live(
         extender.start()
         system.scheduler = control_plane.start_scheduler(stack.scheduler_config(extender.url), name="gpu-scheduler")
         # The agents come last: `tl-flip`'s schedule runs from its start, and everything else must be up by then.
-        for node, spec in AGENTS.items():
-            argv = [sys.executable, "-m", "extender.cli", "agent", "--nvml", f"fake:{spec}", "--hostname", node]
-            argv += ["--host", "127.0.0.1", "--port", str(ports[node]), "--no-publish", "--interval", "1"]
-            agents.append(procs.spawn(f"agent-{node}", argv, workdir / "logs" / f"agent-{node}.log"))
-        for agent, port in zip(agents, ports.values(), strict=True):
-            procs.wait_until(agent, lambda p=port: procs.http_ok(f"http://127.0.0.1:{p}/healthz"), "/healthz", 30)
-        urls = {node: f"http://127.0.0.1:{port}" for node, port in ports.items()}
+        urls = start_agents(AGENTS, ports, workdir, agents)
         with PodWatch(api_client, NS) as watch:
             yield Live(system, extender, prometheus, urls, watch)
     finally:

@@ -137,8 +137,11 @@ def feasibility(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand) -> 
 
 
 def usable_gpus(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand) -> np.ndarray:
-    """bool [R, G]: GPUs with room for one unit of the demand (a whole GPU, or its share and memory)."""
-    usable = snapshot.gpu_free[rows] >= demand.gpu_milli
+    """bool [R, G]: GPUs with room for one unit of the demand (a whole GPU, or its share and memory).
+
+    Borrowed shares take allocation as it frees up: once their lender leaves, the capacity they run on is no
+    longer idle, so it is not offered to new pods as free."""
+    usable = snapshot.gpu_free[rows] - snapshot.gpu_borrowed[rows] >= demand.gpu_milli
     if demand.gpu_memory_mib:
         usable &= snapshot.gpu_mem_free[rows] >= demand.gpu_memory_mib
     if demand.guards_gpu:

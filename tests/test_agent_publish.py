@@ -245,3 +245,10 @@ def test_an_unreadable_gpu_keeps_the_published_inventory(api: FakeNodeApi, monke
     assert api.nodes["gpu-1"]["metadata"]["annotations"][GPU_INVENTORY] == published
     sample, health = agent.state()
     assert health.nvml_up and sample is not None and [g.index for g in sample.gpus] == [1]
+
+
+def test_overcommit_advertises_room_for_borrowed_shares(api: FakeNodeApi) -> None:
+    fake = FakeNvml.from_spec("h100x2", hostname="gpu-1")
+    publisher = NodePublisher(api.client(), "gpu-1", clock=Clock())
+    Agent(fake, "gpu-1", publisher, milli_per_gpu=2000).step()
+    assert api.nodes["gpu-1"]["status"]["allocatable"][GPU_MILLI_RESOURCE] == "4k"

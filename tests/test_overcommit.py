@@ -203,3 +203,14 @@ def test_fleet_metrics_show_borrowed_and_idle_allocated_capacity() -> None:
     assert value("gpu_extender_measured_gpus") == 2.0
     assert value("gpu_extender_busy_gpus") == pytest.approx(0.2)
     assert value("gpu_extender_idle_allocated_gpus") == pytest.approx(0.8)
+
+
+def test_capacity_a_borrower_runs_on_is_not_offered_again_when_its_lender_leaves() -> None:
+    state = full_cluster(util=0.1)
+    snapshot, evaluation = decide(state, REPLICA)
+    borrower = assign(snapshot, REPLICA, evaluation, 0)
+    state.apply("borrower", borrower)
+    state.release(f"t{borrower.gpus[0]}")  # the lender leaves: its GPU's allocation is free again
+    share = Demand(cpu_milli=0, gpu_count=1, gpu_milli=500, gpu_memory_mib=GIB)
+    snapshot, evaluation = decide(state, share, PlacementPolicy())
+    assert evaluation.reasons[0] == Reason.NO_GPU_SHARE  # the freed GPU carries the borrower's load

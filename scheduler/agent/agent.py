@@ -51,9 +51,13 @@ class Agent:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         max_backoff_s: float = 300.0,
+        milli_per_gpu: int = 1000,
     ) -> None:
+        """`milli_per_gpu`: the `gpu-milli` advertised per shareable GPU; above 1000 when the policy lets batch
+        shares borrow idle capacity, or the kubelet would refuse the borrowed share on admission."""
         self.registry = registry or CollectorRegistry()
         self.interval_s = interval_s
+        self.milli_per_gpu = milli_per_gpu
         self._nvml = backend
         self._publisher = publisher
         self._monotonic = monotonic
@@ -111,7 +115,7 @@ class Agent:
             self._sampler.log_once(("incomplete",), "a GPU could not be read; the published inventory is kept")
             return
         doc = inventory_doc(sample.gpus, self._skipped)
-        self._publisher.publish(doc, shareable_gpus(doc) * 1000)
+        self._publisher.publish(doc, shareable_gpus(doc) * self.milli_per_gpu)
 
     def run(self, stop: threading.Event) -> None:
         """Step every `interval_s` until `stop` is set, then release NVML."""

@@ -53,6 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="sample twice a second apart (engine activity needs an interval), print the metrics, exit",
     )
+    parser.add_argument(
+        "--milli-per-gpu",
+        type=int,
+        default=1000,
+        help="gpu-extender.io/gpu-milli advertised per shareable GPU: 1000, or 1000 + the policy's "
+        "overcommit.maxBorrowedMilliPerGpu when overcommit is enabled (the extender enforces the real capacity)",
+    )
     parser.add_argument("--log-level", default="info")
 
 
@@ -105,7 +112,10 @@ def run(args: argparse.Namespace) -> int:
             log.error("cannot configure the Kubernetes client", extra={"error": f"{type(exc).__name__}: {exc}"})
             return 2
         publisher = NodePublisher(api, args.node_name, resync_s=args.resync)
-    agent = Agent(backend, hostname, publisher, interval_s=args.interval)
+    if args.milli_per_gpu < 1000:
+        log.error("--milli-per-gpu must be at least 1000", extra={"given": args.milli_per_gpu})
+        return 2
+    agent = Agent(backend, hostname, publisher, interval_s=args.interval, milli_per_gpu=args.milli_per_gpu)
     if args.once:
         agent.step()
         time.sleep(1.0)
