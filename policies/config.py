@@ -94,7 +94,8 @@ class Overcommit(_Strict):
 
     A GPU lends capacity only with fresh telemetry, no guarded tenant (an exclusive or interactive pod), enough
     free GPU memory for the pod's declared `gpu-memory` (memory is never lent), and room under the safety margin:
-    measured busy fraction + the pod's expected busy fraction <= 1 - safetyMargin. `prefer: borrow` consolidates
+    measured busy fraction + the pod's expected busy fraction <= 1 - safetyMargin; the shares placed on one GPU,
+    allocated and borrowed, exceed it by at most `maxBorrowedMilliPerGpu`. `prefer: borrow` consolidates
     (a safe borrowed place beats opening an idle GPU); `allocation` borrows only where the allocation is full.
     """
 

@@ -170,6 +170,10 @@ def borrowable_gpus(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand,
         snapshot.gpu_present[rows]
         & idle_enough
         & (snapshot.gpu_guarded[rows] == 0)
-        & (snapshot.gpu_borrowed[rows] + demand.gpu_milli <= overcommit.max_borrowed_milli_per_gpu)
+        # Shares placed on the GPU, allocated and borrowed, may exceed it by at most the policy's limit.
+        & (
+            snapshot.gpu_borrowed[rows] - snapshot.gpu_free[rows] + demand.gpu_milli
+            <= overcommit.max_borrowed_milli_per_gpu
+        )
         & (snapshot.gpu_mem_free[rows] >= demand.gpu_memory_mib)
     )

@@ -214,3 +214,21 @@ def test_capacity_a_borrower_runs_on_is_not_offered_again_when_its_lender_leaves
     share = Demand(cpu_milli=0, gpu_count=1, gpu_milli=500, gpu_memory_mib=GIB)
     snapshot, evaluation = decide(state, share, PlacementPolicy())
     assert evaluation.reasons[0] == Reason.NO_GPU_SHARE  # the freed GPU carries the borrower's load
+
+
+def test_a_gpu_whose_lender_left_may_lend_again_within_the_limit() -> None:
+    state = full_cluster(util=0.1)
+    snapshot, evaluation = decide(state, REPLICA)
+    first = assign(snapshot, REPLICA, evaluation, 0)
+    state.apply("first", first)
+    state.release(f"t{first.gpus[0]}")  # its lender leaves: that GPU now runs one share, borrowed
+    light = Demand(**{**REPLICA.__dict__, "gpu_memory_mib": GIB})
+    borrowers = 0
+    while decide(state, light)[1].reasons[0] == Reason.FITS:
+        snapshot, evaluation = decide(state, light)
+        state.apply(f"more{borrowers}", assign(snapshot, light, evaluation, 0))
+        borrowers += 1
+    # Each GPU may carry 1000 milli beyond its capacity: one more on the first GPU, one on the other.
+    assert borrowers == 2
+    placed = state.gpu_borrowed[0, :2] + (1000 - state.gpu_free[0, :2])
+    assert (placed == 2000).all()
