@@ -112,12 +112,22 @@ def wait_extender_sees(extender: Extender, nodes: int, allocated_gpus: float, ti
 
 
 def measure(
-    plane: ControlPlane, api: Any, extender: Extender, nodes: int, variant: str, pods: int, round_: int
+    plane: ControlPlane,
+    api: Any,
+    extender: Extender,
+    nodes: int,
+    variant: str,
+    pods: int,
+    round_: int,
+    percentage: int | None = None,
 ) -> Measurement:
     """Create the pods with no scheduler running, start one, time first to last binding, clean up."""
     namespace = f"bench-{variant}-{nodes}-{round_}"
     scheduler_name = stack.STOCK_SCHEDULER if variant == STOCK else "gpu-scheduler"
-    config = stack.stock_scheduler_config() if variant == STOCK else stack.scheduler_config(extender.url)
+    if variant == STOCK:
+        config = stack.stock_scheduler_config()
+    else:
+        config = stack.scheduler_config(extender.url, percentage_of_nodes_to_score=percentage)
     helpers.create_namespace(api, namespace)
     names = [f"p{i:05d}" for i in range(pods)]
     helpers.create_pods(api, [_pod(n, namespace, scheduler_name) for n in names], workers=16)
@@ -204,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pods", type=int, default=1500, help="pods per measurement")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds per fleet size (medians reported)")
     parser.add_argument("--scale-pods", type=int, default=50_000, help="bound pods for the scale check (0: skip)")
+    parser.add_argument(
+        "--percentage-of-nodes-to-score",
+        type=int,
+        help="override the shipped profile's value for our variant (0: kube-scheduler's adaptive default)",
+    )
     args = parser.parse_args(argv)
     sizes = sorted(int(n) for n in args.nodes.split(","))
     results: list[Measurement] = []
@@ -218,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             for round_ in range(args.rounds):
                 order = (STOCK, OURS) if round_ % 2 == 0 else (OURS, STOCK)
                 for variant in order:
-                    m = measure(plane, api, extender, size, variant, args.pods, round_)
+                    m = measure(
+                        plane, api, extender, size, variant, args.pods, round_, args.percentage_of_nodes_to_score
+                    )
                     results.append(m)
                     detail = ", ".join(f"{v} {ms:.1f} ms" for v, ms in (m.verb_ms or {}).items())
                     log(

@@ -17,10 +17,15 @@ SCHEDULER_CONFIG = REPO / "manifests" / "base" / "kube-scheduler-config.yaml"
 STOCK_SCHEDULER = "default-scheduler"
 
 
-def scheduler_config(extender_url: str, **extender_overrides: Any) -> str:
-    """The shipped KubeSchedulerConfiguration, pointed at `extender_url`, leader election off."""
+def scheduler_config(
+    extender_url: str, percentage_of_nodes_to_score: int | None = None, **extender_overrides: Any
+) -> str:
+    """The shipped KubeSchedulerConfiguration, pointed at `extender_url`, leader election off (and, to measure
+    the trade-off, another `percentageOfNodesToScore`: 0 is kube-scheduler's adaptive default)."""
     config = yaml.safe_load(SCHEDULER_CONFIG.read_text())
     config.pop("leaderElection", None)
+    if percentage_of_nodes_to_score is not None:
+        config["percentageOfNodesToScore"] = percentage_of_nodes_to_score
     (extender,) = config["extenders"]
     extender["urlPrefix"] = extender_url
     extender.update(extender_overrides)

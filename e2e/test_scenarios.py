@@ -448,8 +448,8 @@ def _prediction(nodes: list[dict[str, Any]], mode: str) -> tuple[float, list[int
     ordered = node_order(inventories, rng)
     shapes = typical_shapes(pods.demands, coverage=0.95)
     policy = make_policy("default", shapes, load_policy(POLICY))
-    # The shipped profile: weight 100, kube-scheduler's adaptive percentageOfNodesToScore.
-    kube = KubeSchedulerOptions(extender_weight=100, percentage_of_nodes_to_score=0)
+    # The shipped profile: weight 100, every node scored, no built-in scorers.
+    kube = KubeSchedulerOptions(extender_weight=100, percentage_of_nodes_to_score=100, builtin_scores=False)
     demands = [pods.demands[i] for i in sequence]
     result = replay(
         REPLAY_LIST, ordered, demands, policy, shapes, REPLAY_SEED, np.random.default_rng([REPLAY_SEED, 1]), mode, kube

@@ -54,17 +54,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=100,
         help="kube-scheduler's percentageOfNodesToScore (0: its adaptive default; default 100)",
     )
-    parser.add_argument("--no-builtin-scores", action="store_true", help="kube-scheduler mode without built-ins")
+    parser.add_argument(
+        "--builtin-scores",
+        action="store_true",
+        help="kube-scheduler mode adds the built-in NodeResourcesFit score (the shipped profile disables the "
+        "built-in scorers; at weight 100 they cannot overturn our unique best node either way)",
+    )
     parser.add_argument(
         "--fit-strategy",
         choices=("LeastAllocated", "MostAllocated"),
-        default="MostAllocated",
-        help="NodeResourcesFit scoring strategy in kube-scheduler mode (default MostAllocated, as shipped)",
+        default="LeastAllocated",
+        help="NodeResourcesFit scoring strategy with --builtin-scores (default LeastAllocated, kube-scheduler's)",
     )
     parser.add_argument(
         "--balanced-allocation",
         action="store_true",
-        help="NodeResourcesBalancedAllocation enabled (kube-scheduler's default; the shipped profile disables it)",
+        help="with --builtin-scores, NodeResourcesBalancedAllocation too (kube-scheduler's default profile)",
     )
     parser.add_argument("--policy-file", help="placement policy YAML for the 'default' policy")
     parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
@@ -92,7 +97,7 @@ def _kube(args: argparse.Namespace) -> KubeSchedulerOptions:
     return KubeSchedulerOptions(
         extender_weight=args.extender_weight,
         percentage_of_nodes_to_score=args.percentage_of_nodes_to_score,
-        builtin_scores=not args.no_builtin_scores,
+        builtin_scores=args.builtin_scores,
         fit_strategy=args.fit_strategy,
         balanced_allocation=args.balanced_allocation,
     )
