@@ -2,10 +2,12 @@
 
 Serves `gpu-extender serve --fleet` for the openb fleet (1,213 nodes) and a generated fleet of 5,000 nodes,
 fills each to about half its GPU capacity through filter/prioritize/bind, then times filter and prioritize
-calls with 500 and 5,000 candidate node names from the client side on loopback. Prints p50/p99/max per verb
-and the server's peak resident memory.
+calls with 500 and 5,000 candidate node names from the client side on loopback. Prioritize gets the names filter
+let through and is skipped when only one passed, as kube-scheduler does (`--prioritize all` sends it every
+candidate name instead). Prints p50/p99/max per verb and per pod (filter and prioritize together, what the
+scheduling loop waits for) and the server's peak resident memory.
 
-    python -m e2e.bench_extender [--calls 400]
+    python -m e2e.bench_extender [--calls 400] [--fleet openb|5000|both] [--prioritize passed|all]
 """
 
 from __future__ import annotations
@@ -136,7 +138,27 @@ def _percentiles(samples: list[float]) -> str:
     return f"p50 {np.percentile(ms, 50):6.2f} ms  p99 {np.percentile(ms, 99):6.2f} ms  max {ms.max():6.2f} ms"
 
 
-def bench(fleet: Path, candidates: int, calls: int, pods: list[TracePod], fill: float) -> None:
+def _time_pod(client: Client, body: dict[str, Any], prioritize_all: bool, timings: dict[str, list[float]]) -> int:
+    """One pod's filter and prioritize calls, each and together (what the scheduling loop waits for); returns how
+    many names prioritize got (0: not called)."""
+    start = time.perf_counter()
+    passed = client.call("POST", "/filter", body)["NodeNames"]
+    filtered = time.perf_counter()
+    timings["filter"].append(filtered - start)
+    names = body["NodeNames"] if prioritize_all else passed
+    if len(passed) < 2 and not prioritize_all:
+        timings["per pod"].append(filtered - start)
+        return 0
+    client.call("POST", "/prioritize", {**body, "NodeNames": names})
+    end = time.perf_counter()
+    timings["prioritize"].append(end - filtered)
+    timings["per pod"].append(end - start)
+    return len(names)
+
+
+def bench(
+    fleet: Path, candidates: int, calls: int, pods: list[TracePod], fill: float, prioritize_all: bool = False
+) -> None:
     with open(fleet, newline="") as handle:
         names = [row["sn"] for row in csv.DictReader(handle)]
     rng = random.Random(42)
@@ -146,19 +168,19 @@ def bench(fleet: Path, candidates: int, calls: int, pods: list[TracePod], fill: 
         client = Client(port)
         try:
             bound = _fill(client, names, pods, fill, rng)
-            timings: dict[str, list[float]] = {"filter": [], "prioritize": []}
+            timings: dict[str, list[float]] = {"filter": [], "prioritize": [], "per pod": []}
+            sizes = []
             for _ in range(calls):
                 pod = _pod(rng.choice(pods))
                 body = {"Pod": pod, "Nodes": None, "NodeNames": rng.sample(names, min(candidates, len(names)))}
-                for verb in ("filter", "prioritize"):
-                    start = time.perf_counter()
-                    client.call("POST", f"/{verb}", body)
-                    timings[verb].append(time.perf_counter() - start)
+                sizes.append(_time_pod(client, body, prioritize_all, timings))
         finally:
             client.close()
+        asked = [n for n in sizes if n]
         print(
             f"{fleet.name}: {len(names)} nodes, {bound} pods bound first (~{fill:.0%} of GPUs), "
-            f"{candidates} candidate names, {calls} calls"
+            f"{candidates} candidate names, {calls} pods; prioritize called {len(asked)} times with "
+            f"{'every candidate' if prioritize_all else 'the passed'} names (median {np.median(asked or [0]):.0f})"
         )
         for verb, samples in timings.items():
             print(f"  {verb:<10} {_percentiles(samples)}")
@@ -172,14 +194,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--fill", type=float, default=0.5, help="share of GPU capacity allocated before timing")
+    parser.add_argument(
+        "--fleet", choices=("openb", "5000", "both"), default="both", help="which fleet(s) to time (default both)"
+    )
+    parser.add_argument(
+        "--prioritize",
+        choices=("passed", "all"),
+        default="passed",
+        help="names sent to prioritize: those filter passed, as kube-scheduler does (default), or every candidate",
+    )
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress when piped to a file
     openb = shared_data() / "openb"
     pods = read_openb_pods(openb / "openb_pod_list_default.csv")
     with tempfile.TemporaryDirectory() as tmp:
-        big = _generated_fleet(openb / "openb_node_list_gpu_node.csv", 5000, Path(tmp) / "fleet-5000.csv")
-        bench(openb / "openb_node_list_gpu_node.csv", 500, args.calls, pods, args.fill)
-        bench(big, 5000, args.calls, pods, args.fill)
+        if args.fleet in ("openb", "both"):
+            bench(openb / "openb_node_list_gpu_node.csv", 500, args.calls, pods, args.fill, args.prioritize == "all")
+        if args.fleet in ("5000", "both"):
+            big = _generated_fleet(openb / "openb_node_list_gpu_node.csv", 5000, Path(tmp) / "fleet-5000.csv")
+            bench(big, 5000, args.calls, pods, args.fill, args.prioritize == "all")
     return 0
 
 

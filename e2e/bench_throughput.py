@@ -154,7 +154,14 @@ def measure(
 
 
 def _verb_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean milliseconds per call of each verb, and the share of prioritize answers computed ahead."""
     out = {}
+    hits, misses = (
+        after.get(f"gpu_extender_score_cache_{k}_total", 0.0) - before.get(f"gpu_extender_score_cache_{k}_total", 0.0)
+        for k in ("hits", "misses")
+    )
+    if hits + misses:
+        out["ahead %"] = 100 * hits / (hits + misses)
     for verb in ("filter", "prioritize", "bind"):
         key = f'gpu_extender_request_duration_seconds_{{}}{{{{verb="{verb}"}}}}'
         calls = after.get(key.format("count"), 0.0) - before.get(key.format("count"), 0.0)
@@ -237,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                         plane, api, extender, size, variant, args.pods, round_, args.percentage_of_nodes_to_score
                     )
                     results.append(m)
-                    detail = ", ".join(f"{v} {ms:.1f} ms" for v, ms in (m.verb_ms or {}).items())
+                    detail = ", ".join(
+                        f"{v} {ms:.1f}" + ("" if v.endswith("%") else " ms") for v, ms in (m.verb_ms or {}).items()
+                    )
                     log(
                         f"{size} nodes, {variant}: {m.rate:.1f} pods/s "
                         f"({m.rate_by_conditions:.1f} by conditions) {detail}"

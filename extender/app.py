@@ -6,8 +6,9 @@ to decide is reported in the protocol's `Error` field, never as a crash.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import orjson
@@ -16,17 +17,19 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
-from extender.metrics import ExtenderMetrics
+from extender.metrics import ExtenderMetrics, ScoreCacheCollector
 from extender.wire import (
     ExtenderArgs,
     ExtenderBindingArgs,
     ExtenderBindingResult,
-    ExtenderFilterResult,
     ExtenderPreemptionArgs,
     ExtenderPreemptionResult,
     MetaPod,
     MetaVictims,
+    filter_result,
 )
 from scheduler.podspec import PodSpecError
 from scheduler.service import BindError, NotReadyError, PlacementService
@@ -44,8 +47,7 @@ def _json(payload: Any) -> Response:
     return Response(content=orjson.dumps(payload), media_type="application/json")
 
 
-async def _parse(request: Request, model: type[WireModel]) -> WireModel:
-    body = await request.body()
+def _validate(body: bytes, model: type[WireModel]) -> WireModel:
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -59,18 +61,78 @@ async def _parse(request: Request, model: type[WireModel]) -> WireModel:
         raise BadRequest(f"not an {model.__name__}: {problems}") from exc
 
 
-def create_app(service: PlacementService, metrics: ExtenderMetrics) -> FastAPI:
+async def _parse(request: Request, model: type[WireModel]) -> WireModel:
+    return _validate(await request.body(), model)
+
+
+# What a hot verb answers: HTTP status, JSON body, and optional work to do once the answer is sent.
+Reply = tuple[int, bytes, Callable[[], None] | None]
+Verb = Callable[[bytes], Awaitable[Reply]]
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class ExtenderApp:
+    """A pure ASGI front for the verbs kube-scheduler calls on every pod: POST /filter, /prioritize and /bind are
+    answered here, everything else by the FastAPI app behind it.
+
+    kube-scheduler's scheduling loop is serial and waits for each call; FastAPI's middleware, routing and exception
+    layers cost about 0.1 ms of CPU per call, as much as a small decision. The answers are the same functions the
+    FastAPI routes call. Work a verb returns to do after its answer runs once the answer is written.
+    """
+
+    def __init__(self, app: FastAPI, verbs: Mapping[str, Verb]) -> None:
+        self.app = app
+        self._verbs = dict(verbs)
+
+    @property
+    def state(self) -> Any:
+        return self.app.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and (verb := self._verbs.get(scope["path"])):
+            body = await _read_body(receive)
+            if body is None:
+                return  # the client went away; nobody to answer
+            status, payload, after = await verb(body)
+            headers = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+            if after is not None:
+                after()
+            return
+        await self.app(scope, receive, send)
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderApp:
     app = FastAPI(title="kube-gpu-extender", docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.metrics = metrics
+    metrics.registry.register(ScoreCacheCollector(service.score_cache))
 
     @app.exception_handler(BadRequest)
     async def _bad_request(_: Request, exc: BadRequest) -> JSONResponse:
         return JSONResponse(status_code=400, content={"Error": str(exc)})
 
-    def _run(verb: str, call: Callable[[], Any], on_error: Callable[[str], Any]) -> Response:
+    # Labelled children looked up once each (prometheus_client's `labels` takes a lock and builds keys per call).
+    latency = functools.cache(metrics.latency.labels)
+    decisions = functools.cache(metrics.decisions.labels)
+    rejections = functools.cache(metrics.rejections.labels)
+
+    def _answer(verb: str, call: Callable[[], Any], on_error: Callable[[str], Any]) -> Any:
         """Answer one verb: time it, count the outcome, and turn any failure into the protocol's error."""
-        with metrics.latency.labels(verb).time():
+        with latency(verb).time():
             try:
                 payload = call()
                 outcome = "ok"
@@ -82,12 +144,13 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> FastAPI:
             except Exception as exc:  # the scheduler must get an answer, whatever broke
                 log.exception("%s failed", verb)
                 payload, outcome = on_error(f"internal error in {verb}: {type(exc).__name__}: {exc}"), "error"
-            metrics.decisions.labels(verb, outcome).inc()
-            return _json(payload)
+            decisions(verb, outcome).inc()
+            return payload
 
-    @app.post("/filter")
-    async def filter_(request: Request) -> Response:
-        args = await _parse(request, ExtenderArgs)
+    def _run(verb: str, call: Callable[[], Any], on_error: Callable[[str], Any]) -> Response:
+        return _json(_answer(verb, call, on_error))
+
+    def filter_(args: ExtenderArgs) -> tuple[Any, Callable[[], None] | None]:
         names = args.node_names()
 
         def call() -> dict[str, Any]:
@@ -96,39 +159,52 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> FastAPI:
             except PodSpecError as exc:
                 # A pod we cannot read fits nowhere; preemption would not change that.
                 reason = f"GPU extender cannot read the pod's request: {exc}"
-                metrics.rejections.labels("pod_spec").inc(len(names))
-                return ExtenderFilterResult(FailedAndUnresolvableNodes=dict.fromkeys(names, reason)).model_dump()
+                rejections("pod_spec").inc(len(names))
+                return filter_result([], unresolvable=dict.fromkeys(names, reason))
             for reason, count in outcome.reasons.items():
-                metrics.rejections.labels(reason).inc(count)
-            return ExtenderFilterResult(
-                NodeNames=outcome.passed, FailedNodes=outcome.failed, FailedAndUnresolvableNodes=outcome.unresolvable
-            ).model_dump()
+                rejections(reason).inc(count)
+            return filter_result(outcome.passed, outcome.failed, outcome.unresolvable)
 
-        return _run("filter", call, lambda error: ExtenderFilterResult(Error=error).model_dump())
+        payload = _answer("filter", call, lambda error: filter_result([], error=error))
+        passed = payload["NodeNames"]
+        return payload, (lambda: _prepare(args.Pod, passed)) if len(passed) > 1 else None
 
-    @app.post("/prioritize")
-    async def prioritize(request: Request) -> Response:
-        args = await _parse(request, ExtenderArgs)
+    def _prepare(pod: dict[str, Any], passed: list[str]) -> None:
+        try:
+            service.prepare_prioritize(pod, passed)
+        except Exception:  # only an optimisation: prioritize computes its answer itself if this did not
+            log.exception("scoring ahead of prioritize failed")
+
+    def prioritize(args: ExtenderArgs) -> Any:
         names = args.node_names()
 
         def call() -> list[dict[str, Any]]:
             return [{"Host": host, "Score": score} for host, score in service.prioritize(args.Pod, names)]
 
         # kube-scheduler ignores prioritize errors; zero scores keep our answer neutral instead.
-        return _run("prioritize", call, lambda _: [{"Host": name, "Score": 0} for name in names])
+        return _answer("prioritize", call, lambda _: [{"Host": name, "Score": 0} for name in names])
 
-    @app.post("/bind")
-    async def bind(request: Request) -> Response:
-        args = await _parse(request, ExtenderBindingArgs)
-
+    def bind(args: ExtenderBindingArgs) -> Any:
         def call() -> dict[str, str]:
             service.bind(args.PodNamespace, args.PodName, args.PodUID, args.Node)
             return ExtenderBindingResult().model_dump()
 
+        return _answer("bind", call, lambda error: ExtenderBindingResult(Error=error).model_dump())
+
+    async def filter_verb(body: bytes) -> Reply:
+        # Scoring the passed names waits until the answer is sent: see PlacementService.prepare_prioritize.
+        return _reply(body, ExtenderArgs, filter_)
+
+    async def prioritize_verb(body: bytes) -> Reply:
+        return _reply(body, ExtenderArgs, lambda args: (prioritize(args), None))
+
+    async def bind_verb(body: bytes) -> Reply:
         # Binding talks to the API server: keep it off the event loop that answers filter and prioritize.
-        return await run_in_threadpool(
-            _run, "bind", call, lambda error: ExtenderBindingResult(Error=error).model_dump()
-        )
+        return await run_in_threadpool(_reply, body, ExtenderBindingArgs, lambda args: (bind(args), None))
+
+    verbs: dict[str, Verb] = {"/filter": filter_verb, "/prioritize": prioritize_verb, "/bind": bind_verb}
+    for path, verb in verbs.items():
+        app.add_api_route(path, _route(verb), methods=["POST"], include_in_schema=False)
 
     @app.post("/preempt")
     async def preempt(request: Request) -> Response:
@@ -173,4 +249,27 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(content=generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return ExtenderApp(app, verbs)
+
+
+def _reply(
+    body: bytes, model: type[WireModel], answer: Callable[[WireModel], tuple[Any, Callable[[], None] | None]]
+) -> Reply:
+    """Validate, answer and encode one call; a body that is not the verb's arguments gets a 400 naming why."""
+    try:
+        args = _validate(body, model)
+    except BadRequest as exc:
+        return 400, orjson.dumps({"Error": str(exc)}), None
+    payload, after = answer(args)
+    return 200, orjson.dumps(payload), after
+
+
+def _route(verb: Verb) -> Callable[[Request], Awaitable[Response]]:
+    """The same verb as a FastAPI route, for requests the ASGI front passes on."""
+
+    async def endpoint(request: Request) -> Response:
+        status, payload, after = await verb(await request.body())
+        background = BackgroundTask(after) if after is not None else None
+        return Response(content=payload, status_code=status, media_type="application/json", background=background)
+
+    return endpoint

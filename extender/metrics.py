@@ -69,6 +69,21 @@ def _measured_load(snapshot: ClusterSnapshot) -> Iterator[GaugeMetricFamily]:
     )
 
 
+class ScoreCacheCollector(Collector):
+    """How often prioritize found its answer computed ahead (after filter) still valid."""
+
+    def __init__(self, cache: object) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name in ("hits", "misses"):
+            yield CounterMetricFamily(
+                f"gpu_extender_score_cache_{name}",
+                f"Prioritize answers {name} in the scores computed ahead",
+                getattr(self._cache, name),
+            )
+
+
 class WatchCollector(Collector):
     """The cluster watch's counters (lists, relists, reconnects, events, conflicts) at scrape time."""
 

@@ -41,6 +41,22 @@ class ExtenderFilterResult(_Wire):
     Error: str = ""
 
 
+def filter_result(
+    passed: list[str],
+    failed: dict[str, str] | None = None,
+    unresolvable: dict[str, str] | None = None,
+    error: str = "",
+) -> JsonObject:
+    """`ExtenderFilterResult(...).model_dump()` without validating and copying hundreds of names on every call."""
+    return {
+        "Nodes": None,
+        "NodeNames": passed,
+        "FailedNodes": failed or {},
+        "FailedAndUnresolvableNodes": unresolvable or {},
+        "Error": error,
+    }
+
+
 class HostPriority(_Wire):
     Host: str
     Score: int

@@ -8,16 +8,20 @@ before it talks to the API server, and gives it back if the binding fails.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any, Protocol
 
 import numpy as np
 
+from policies.config import PlacementPolicy
 from policies.demand import Demand
 from policies.engine import Evaluation, assign, evaluate, extender_scores, place_on_node
 from policies.feasibility import REASON_TEXT, Reason, is_resolvable
+from policies.fragmentation import TypicalShapes
 from policies.inventory import Assignment, NodeInventory
 from policies.state import ClusterSnapshot, ClusterState, ConflictError
 from scheduler.annotations import assignment_annotations
@@ -61,6 +65,70 @@ class _Decision:
     unknown: list[str]
 
 
+@dataclass(frozen=True)
+class _Cached:
+    """A prioritize answer and everything it depended on: reusable while none of it has changed."""
+
+    generation: int
+    policy: PlacementPolicy
+    shapes: TypicalShapes
+    demand: Demand
+    names: list[str]
+    answer: tuple[tuple[str, int], ...]
+
+    def still_valid(
+        self, generation: int, policy: PlacementPolicy, shapes: TypicalShapes, demand: Demand, names: list[str]
+    ) -> bool:
+        return (
+            self.generation == generation
+            and self.policy is policy
+            and self.shapes is shapes
+            and self.demand == demand
+            and self.names == names
+        )
+
+
+class ScoreCache:
+    """The last prioritize answers by pod, so that a prioritize call can find its answer computed ahead.
+
+    An answer is only reused for the same names when the state generation, the policy, the typical shapes and the
+    pod's demand are the ones it was computed with: a hit is the same computation, done once. Answers for an older
+    generation can never be reused and are dropped as soon as a newer one arrives. A small lock guards the dict
+    operations only, never a computation.
+    """
+
+    def __init__(self, size: int = 16) -> None:
+        self._size = size
+        self._entries: OrderedDict[str, _Cached] = OrderedDict()
+        self._generation = -1
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, uid: str) -> _Cached | None:
+        with self._lock:
+            return self._entries.get(uid)
+
+    def put(self, uid: str, entry: _Cached) -> None:
+        with self._lock:
+            if entry.generation < self._generation:
+                return  # computed before a change another call has already seen
+            if entry.generation > self._generation:
+                self._entries.clear()
+                self._generation = entry.generation
+            self._entries[uid] = entry
+            self._entries.move_to_end(uid)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# Reason code -> (text, whether preemption could cure it): one lookup per reason instead of one per node.
+_VERDICTS: dict[int, tuple[str, bool]] = {int(r): (REASON_TEXT[r], is_resolvable(r)) for r in Reason}
+
+
 def pod_uid(pod: Mapping[str, Any]) -> str:
     metadata = pod.get("metadata") or {}
     return str(metadata.get("uid") or f"{metadata.get('namespace', 'default')}/{metadata.get('name', '')}")
@@ -78,6 +146,7 @@ class PlacementService:
         self.recent_bindings = RecentBindings()  # load estimates until telemetry shows the new pods
         self._demands: OrderedDict[str, Demand] = OrderedDict()
         self._demand_cache_size = demand_cache_size
+        self.score_cache = ScoreCache()
 
     # -- read-only verbs ---------------------------------------------------------------------------------
     def demand(self, pod: Mapping[str, Any]) -> Demand:
@@ -92,30 +161,30 @@ class PlacementService:
 
     def _evaluate(self, pod: Mapping[str, Any], names: list[str], score: bool) -> _Decision:
         """One snapshot for the whole call: the names, rows and verdicts must all come from the same view."""
+        self._check_ready()
+        demand = self.demand(pod)
+        return self._fresh(demand, self.model.snapshot(), self.model.policy, self.model.shapes(), names, score)
+
+    def _check_ready(self) -> None:
         if not self.model.ready:
             raise NotReadyError("the GPU extender's cluster view is not ready yet (initial list in progress)")
-        demand = self.demand(pod)
-        snapshot = self.model.snapshot()
+
+    @staticmethod
+    def _fresh(
+        demand: Demand,
+        snapshot: ClusterSnapshot,
+        policy: PlacementPolicy,
+        shapes: TypicalShapes,
+        names: list[str],
+        score: bool,
+    ) -> _Decision:
         rows, unknown = snapshot.rows(names)
-        evaluation = evaluate(snapshot, demand, rows, self.model.policy, self.model.shapes(), score=score)
+        evaluation = evaluate(snapshot, demand, rows, policy, shapes, score=score)
         known = names if not unknown else [snapshot.names[r] for r in rows.tolist()]
         return _Decision(snapshot, demand, evaluation, known, unknown)
 
     def filter(self, pod: Mapping[str, Any], names: list[str]) -> FilterOutcome:
-        decision = self._evaluate(pod, names, score=False)
-        unknown = decision.unknown
-        outcome = FilterOutcome(passed=[])
-        for name, reason_code in zip(decision.known, decision.evaluation.reasons.tolist(), strict=True):
-            if reason_code == Reason.FITS:
-                outcome.passed.append(name)
-                continue
-            reason = Reason(reason_code)
-            text = REASON_TEXT[reason]
-            (outcome.failed if is_resolvable(reason) else outcome.unresolvable)[name] = text
-            outcome.reasons[text] += 1
-        for name in unknown:
-            outcome.unresolvable[name] = UNKNOWN_NODE
-            outcome.reasons[UNKNOWN_NODE] += 1
+        outcome = _outcome(self._evaluate(pod, names, score=False))
         if outcome.reasons:
             meta = pod.get("metadata") or {}
             log.info(
@@ -124,12 +193,30 @@ class PlacementService:
             )
         return outcome
 
+    def prepare_prioritize(self, pod: Mapping[str, Any], names: list[str]) -> None:
+        """Compute prioritize's answer before it is asked. kube-scheduler calls prioritize next with exactly the
+        names filter let through (not at all for a single one); done right after filter's answer is sent, the
+        scoring overlaps with the scheduler's own work between the two calls instead of adding to them."""
+        if len(names) > 1:
+            self.prioritize(pod, names)
+
     def prioritize(self, pod: Mapping[str, Any], names: list[str]) -> list[tuple[str, int]]:
-        decision = self._evaluate(pod, names, score=True)
-        scores = extender_scores(decision.evaluation, self.model.policy.extender_scoring.mode)
-        result = list(zip(decision.known, scores.tolist(), strict=True))
-        result.extend((name, 0) for name in decision.unknown)
-        return result
+        """Scores 0..10 for `names`: the answer computed ahead when nothing it depends on has changed since,
+        else a fresh one (remembered for the next call)."""
+        self._check_ready()
+        demand = self.demand(pod)
+        snapshot, policy, shapes = self.model.snapshot(), self.model.policy, self.model.shapes()
+        uid = pod_uid(pod)
+        entry = self.score_cache.get(uid)
+        if entry is not None and entry.still_valid(snapshot.generation, policy, shapes, demand, names):
+            self.score_cache.hits += 1
+            return list(entry.answer)
+        self.score_cache.misses += 1
+        decision = self._fresh(demand, snapshot, policy, shapes, names, score=True)
+        scores = extender_scores(decision.evaluation, policy.extender_scoring.mode)
+        answer = [*zip(decision.known, scores.tolist(), strict=True), *((name, 0) for name in decision.unknown)]
+        self.score_cache.put(uid, _Cached(snapshot.generation, policy, shapes, demand, names, tuple(answer)))
+        return answer
 
     def explain(self, pod: Mapping[str, Any], names: list[str] | None = None) -> list[dict[str, Any]]:
         """Why each node would or would not take the pod: reason, raw score, each scorer's part, placement."""
@@ -237,6 +324,26 @@ class PlacementService:
         view = state.view()
         evaluation = evaluate(view, demand, np.array([0]), self.model.policy, self.model.shapes(), score=False)
         return bool(evaluation.feasible[0])
+
+
+def _outcome(decision: _Decision) -> FilterOutcome:
+    """Filter's verdicts, grouped by reason with whole-array operations (a Python step per node cost more than
+    the decision itself)."""
+    known, reasons = decision.known, decision.evaluation.reasons
+    fits = reasons == Reason.FITS
+    outcome = FilterOutcome(passed=list(compress(known, fits.tolist())))
+    if not fits.all():
+        for code in np.unique(reasons[~fits]).tolist():
+            text, resolvable = _VERDICTS[code]
+            at = reasons == code
+            (outcome.failed if resolvable else outcome.unresolvable).update(
+                dict.fromkeys(compress(known, at.tolist()), text)
+            )
+            outcome.reasons[text] += int(at.sum())
+    if decision.unknown:
+        outcome.unresolvable.update(dict.fromkeys(decision.unknown, UNKNOWN_NODE))
+        outcome.reasons[UNKNOWN_NODE] += len(decision.unknown)
+    return outcome
 
 
 def _describe(a: Assignment) -> dict[str, Any]:

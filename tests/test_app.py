@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from extender.app import create_app
+from extender.app import ExtenderApp, create_app
 from extender.metrics import ExtenderMetrics
 from extender.serve import fleet_service
+from extender.wire import ExtenderFilterResult, filter_result
 from policies.config import PlacementPolicy
 from scheduler.model import ClusterModel
 from scheduler.service import PlacementService
@@ -125,3 +128,79 @@ def test_metrics_expose_latency_and_fleet(client: TestClient) -> None:
     assert 'gpu_extender_request_duration_seconds_count{verb="filter"} 1.0' in text
     assert 'gpu_extender_rejections_total{reason="node has fewer GPUs than requested"} 4.0' in text
     assert "gpu_extender_gpus 22.0" in text
+
+
+def test_filter_reply_has_the_wire_shape() -> None:
+    failed, unresolvable = {"b": "insufficient CPU"}, {"c": "GPU model not allowed by the pod"}
+    assert (
+        filter_result(["a"], failed, unresolvable)
+        == ExtenderFilterResult(
+            NodeNames=["a"], FailedNodes=failed, FailedAndUnresolvableNodes=unresolvable
+        ).model_dump()
+    )
+    assert filter_result([], error="down") == ExtenderFilterResult(Error="down").model_dump()
+
+
+def test_hot_verbs_count_and_time_every_outcome(client: TestClient) -> None:
+    pod = gpu_pod({"nvidia.com/gpu": "1"}, uid="m-1")
+    assert client.post("/filter", json=filter_args(pod)).json()["NodeNames"]
+    scores = client.post("/prioritize", json=filter_args(pod, ["gpu-a", "gpu-b"])).json()
+    best = max(scores, key=lambda s: s["Score"])["Host"]
+    bind = {"PodName": "m", "PodNamespace": "default", "PodUID": "m-1", "Node": best}
+    assert client.post("/bind", json=bind).json() == {"Error": ""}
+    assert "already holds GPUs" in client.post("/bind", json={**bind, "Node": "gpu-p"}).json()["Error"]
+    text = client.get("/metrics").text
+    for verb in ("filter", "prioritize", "bind"):
+        assert f'gpu_extender_request_duration_seconds_count{{verb="{verb}"}}' in text
+    assert 'gpu_extender_decisions_total{outcome="ok",verb="prioritize"} 1.0' in text
+    assert 'gpu_extender_decisions_total{outcome="ok",verb="bind"} 1.0' in text
+    assert 'gpu_extender_decisions_total{outcome="error",verb="bind"} 1.0' in text
+
+
+def test_other_methods_and_paths_reach_the_full_app(client: TestClient) -> None:
+    assert client.get("/filter").status_code == 405
+    assert client.post("/nothing", json={}).status_code == 404
+    reply = client.post("/prioritize", content=b"{")
+    assert reply.status_code == 400 and reply.headers["content-type"] == "application/json"
+    assert "not valid JSON" in reply.json()["Error"]
+
+
+async def _asgi_post(app: ExtenderApp, path: str, chunks: list[bytes | None]) -> list[dict]:
+    """Drive the ASGI app directly: each chunk a body message, None a disconnect."""
+    last = len(chunks) - 1
+    messages = [
+        {"type": "http.disconnect"} if c is None else {"type": "http.request", "body": c, "more_body": i < last}
+        for i, c in enumerate(chunks)
+    ]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": [], "query_string": b""}
+    await app(scope, receive, send)
+    return sent
+
+
+def test_a_body_in_several_parts_and_a_client_gone_away(client: TestClient) -> None:
+    app = client.app
+    body = orjson.dumps(filter_args(gpu_pod({"nvidia.com/gpu": "1"})))
+    sent = asyncio.run(_asgi_post(app, "/filter", [body[:100], body[100:2000], body[2000:]]))
+    assert sent[0]["status"] == 200
+    assert (b"content-length", str(len(sent[1]["body"])).encode()) in sent[0]["headers"]
+    assert orjson.loads(sent[1]["body"])["NodeNames"]
+    assert asyncio.run(_asgi_post(app, "/filter", [body[:100], None])) == []
+
+
+def test_filter_scores_the_passed_names_ahead_of_prioritize(client: TestClient) -> None:
+    service = client.app.state.service
+    pod = gpu_pod({"nvidia.com/gpu": "1"}, uid="ahead")
+    passed = client.post("/filter", json=filter_args(pod)).json()["NodeNames"]
+    assert len(passed) > 1
+    hits = service.score_cache.hits
+    scores = client.post("/prioritize", json=filter_args(pod, passed)).json()
+    assert service.score_cache.hits == hits + 1
+    assert [s["Host"] for s in scores] == passed and [s["Score"] for s in scores].count(10) == 1
