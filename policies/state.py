@@ -47,6 +47,9 @@ class ClusterSnapshot:
     gpu_guarded: np.ndarray  # int16 [N, G] tenants whose latency class forbids borrowing on the GPU
     mig_table: np.ndarray  # int8 [N, G] index into MIG_TABLE_NAMES, -1 where the GPU is not in MIG mode
     mig_occupied: np.ndarray  # uint8 [N, G] bitmask of memory slices held by pods
+    # int64 [N]: the generation at which each row last changed, so a result computed over some rows can tell
+    # whether it still holds (a rebuilt node set renews every row).
+    row_version: np.ndarray
     # GPUs whose MIG instances already exist (a static layout): (row, gpu) -> ((profile, start), ...). A pod can
     # only take one of these; GPUs not listed here are carved on demand.
     mig_layout: Mapping[tuple[int, int], tuple[tuple[str, int], ...]] = field(default_factory=dict)
@@ -121,6 +124,7 @@ class ClusterState:
         self.gpu_guarded = np.zeros((n, g), dtype=np.int16)
         self.mig_occupied = np.zeros((n, g), dtype=np.uint8)
         self._generation += 1
+        self.row_version = np.full(n, self._generation, dtype=np.int64)
 
     def set_nodes(self, nodes: Iterable[NodeInventory]) -> list[str]:
         """Replace the node set, keeping assignments on nodes that still exist. Returns the pod keys dropped."""
@@ -150,20 +154,23 @@ class ClusterState:
         self._change(i, assignment, sign=-1)
         self.assignments[key] = assignment
         self._generation += 1
+        self.row_version[i] = self._generation
 
     def release(self, key: str) -> Assignment | None:
         assignment = self.assignments.pop(key, None)
         if assignment is not None:
             i = self._index.get(assignment.node)
+            self._generation += 1
             if i is not None:
                 self._change(i, assignment, sign=+1)
-            self._generation += 1
+                self.row_version[i] = self._generation
         return assignment
 
     def set_utilization(self, util: np.ndarray) -> None:
         """Replace measured GPU busy fractions ([N, G], NaN = unknown)."""
         self.gpu_util = util.astype(np.float32, copy=True)
         self._generation += 1
+        self.row_version[:] = self._generation
 
     def _check_free(self, i: int, a: Assignment) -> None:
         gpus = list(a.gpus)
@@ -243,6 +250,7 @@ class ClusterState:
             gpu_guarded=self.gpu_guarded,
             mig_table=self.mig_table,
             mig_occupied=self.mig_occupied,
+            row_version=self.row_version,
             mig_layout=MappingProxyType(self._mig_layout),
         )
 
@@ -265,6 +273,7 @@ class ClusterState:
             "gpu_guarded",
             "mig_table",
             "mig_occupied",
+            "row_version",
         ):
             array = getattr(shared, name).copy()
             array.flags.writeable = False

@@ -74,33 +74,40 @@ class _Cached:
     shapes: TypicalShapes
     demand: Demand
     names: list[str]
+    rows: np.ndarray  # the snapshot rows of `names`; empty when some name was unknown
     answer: tuple[tuple[str, int], ...]
 
     def still_valid(
-        self, generation: int, policy: PlacementPolicy, shapes: TypicalShapes, demand: Demand, names: list[str]
+        self,
+        snapshot: ClusterSnapshot,
+        policy: PlacementPolicy,
+        shapes: TypicalShapes,
+        demand: Demand,
+        names: list[str],
     ) -> bool:
-        return (
-            self.generation == generation
-            and self.policy is policy
-            and self.shapes is shapes
-            and self.demand == demand
-            and self.names == names
-        )
+        """Scores depend on the policy, the typical shapes, the pod and the state of the scored rows only (ranks
+        are relative among them), so changes to other nodes since leave the answer exact."""
+        if not (self.policy is policy and self.shapes is shapes and self.demand == demand and self.names == names):
+            return False
+        if snapshot.generation == self.generation:
+            return True
+        rows = self.rows
+        if not len(rows) or int(rows.max()) >= snapshot.size:  # a name unknown then may be known now
+            return False
+        return int(snapshot.row_version[rows].max()) <= self.generation
 
 
 class ScoreCache:
     """The last prioritize answers by pod, so that a prioritize call can find its answer computed ahead.
 
-    An answer is only reused for the same names when the state generation, the policy, the typical shapes and the
-    pod's demand are the ones it was computed with: a hit is the same computation, done once. Answers for an older
-    generation can never be reused and are dropped as soon as a newer one arrives. A small lock guards the dict
-    operations only, never a computation.
+    An answer is reused only for the same names, policy, typical shapes and demand, and while none of the rows it
+    scored has changed: a hit is the same computation, done once. Binds and watch events on other nodes, which
+    arrive all the time during a burst, leave it valid. A small lock guards the dict operations only.
     """
 
     def __init__(self, size: int = 16) -> None:
         self._size = size
         self._entries: OrderedDict[str, _Cached] = OrderedDict()
-        self._generation = -1
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -111,11 +118,9 @@ class ScoreCache:
 
     def put(self, uid: str, entry: _Cached) -> None:
         with self._lock:
-            if entry.generation < self._generation:
-                return  # computed before a change another call has already seen
-            if entry.generation > self._generation:
-                self._entries.clear()
-                self._generation = entry.generation
+            current = self._entries.get(uid)
+            if current is not None and current.generation > entry.generation:
+                return  # a newer answer is already there
             self._entries[uid] = entry
             self._entries.move_to_end(uid)
             while len(self._entries) > self._size:
@@ -208,14 +213,15 @@ class PlacementService:
         snapshot, policy, shapes = self.model.snapshot(), self.model.policy, self.model.shapes()
         uid = pod_uid(pod)
         entry = self.score_cache.get(uid)
-        if entry is not None and entry.still_valid(snapshot.generation, policy, shapes, demand, names):
+        if entry is not None and entry.still_valid(snapshot, policy, shapes, demand, names):
             self.score_cache.hits += 1
             return list(entry.answer)
         self.score_cache.misses += 1
         decision = self._fresh(demand, snapshot, policy, shapes, names, score=True)
         scores = extender_scores(decision.evaluation, policy.extender_scoring.mode)
         answer = [*zip(decision.known, scores.tolist(), strict=True), *((name, 0) for name in decision.unknown)]
-        self.score_cache.put(uid, _Cached(snapshot.generation, policy, shapes, demand, names, tuple(answer)))
+        rows = decision.evaluation.rows if not decision.unknown else np.empty(0, dtype=np.int64)
+        self.score_cache.put(uid, _Cached(snapshot.generation, policy, shapes, demand, names, rows, tuple(answer)))
         return answer
 
     def explain(self, pod: Mapping[str, Any], names: list[str] | None = None) -> list[dict[str, Any]]:

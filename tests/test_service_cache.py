@@ -167,7 +167,7 @@ def test_a_single_passed_node_is_not_scored_ahead() -> None:
     assert cached.score_cache.misses == 0 and len(cached.score_cache) == 0
 
 
-def test_the_cache_is_bounded_and_drops_older_states() -> None:
+def test_the_cache_is_bounded() -> None:
     cached, _ = services()
     cached.score_cache = cache = ScoreCache(size=4)
     rng = random.Random(1)
@@ -176,11 +176,27 @@ def test_the_cache_is_bounded_and_drops_older_states() -> None:
         cached.prepare_prioritize(pod(f"p{i}", rng), names)
     assert len(cache) == 4
     assert cache.get("p19") is not None and cache.get("p0") is None
-    p = pod("bound", rng)
-    p["spec"]["containers"][0]["resources"] = {"requests": {"cpu": "1"}, "limits": {}}
-    schedule(cached, p, names)
-    cached.prepare_prioritize(pod("next", rng), names)
-    assert len(cache) == 1, "entries of an older state hold old snapshots and are dropped"
+
+
+def test_changes_to_other_nodes_keep_the_answer_and_it_stays_exact() -> None:
+    cached, fresh = services()
+    rng = random.Random(11)
+    names = list(cached.model.snapshot().names)
+    p = pod("p", rng)
+    p["spec"]["containers"][0]["resources"] = {"requests": {"nvidia.com/gpu": "1"}, "limits": {}}
+    passed = [n for n in cached.filter(p, names[:20]).passed]
+    cached.prepare_prioritize(p, passed)
+    elsewhere = pod("elsewhere", rng)
+    elsewhere["spec"]["containers"][0]["resources"] = {"requests": {"nvidia.com/gpu": "1"}, "limits": {}}
+    outside = next(n for n in names[20:] if cached.filter(elsewhere, [n]).passed)
+    cached.bind("default", "elsewhere", "elsewhere", outside)  # a change, but not to a scored node
+    hits = cached.score_cache.hits
+    assert cached.prioritize(p, passed) == fresh.prioritize(p, passed)
+    assert cached.score_cache.hits == hits + 1
+    cached.model.set_utilization(cached.model.snapshot().gpu_util * 0.5)  # telemetry touches every node
+    misses = cached.score_cache.misses
+    assert cached.prioritize(p, passed) == fresh.prioritize(p, passed)
+    assert cached.score_cache.misses == misses + 1
 
 
 def test_filter_verdicts_are_the_per_node_reading_of_the_evaluation() -> None:
