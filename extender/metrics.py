@@ -82,6 +82,11 @@ class ScoreCacheCollector(Collector):
                 f"Prioritize answers {name} in the scores computed ahead",
                 getattr(self._cache, name),
             )
+        yield CounterMetricFamily(
+            "gpu_extender_score_cache_planned_binds",
+            "Binds that took the placement planned while scoring instead of deciding again",
+            self._cache.planned_hits,
+        )
 
 
 class WatchCollector(Collector):

@@ -76,6 +76,8 @@ class _Cached:
     names: list[str]
     rows: np.ndarray  # the snapshot rows of `names`; empty when some name was unknown
     answer: tuple[tuple[str, int], ...]
+    planned: Assignment | None = None  # the placement on the node scored 10, which bind will most likely get
+    planned_row: int = -1
 
     def still_valid(
         self,
@@ -96,6 +98,18 @@ class _Cached:
             return False
         return int(snapshot.row_version[rows].max()) <= self.generation
 
+    def placement_on(
+        self, node: str, snapshot: ClusterSnapshot, policy: PlacementPolicy, shapes: TypicalShapes, demand: Demand
+    ) -> Assignment | None:
+        """The planned placement, if bind asks for its node and nothing it depends on has changed: the choice
+        of GPUs on a node depends only on that node's state, the pod, the policy and the typical shapes."""
+        planned, row = self.planned, self.planned_row
+        if planned is None or planned.node != node or not 0 <= row < snapshot.size:
+            return None
+        if not (self.policy is policy and self.shapes is shapes and self.demand == demand):
+            return None
+        return planned if int(snapshot.row_version[row]) <= self.generation else None
+
 
 class ScoreCache:
     """The last prioritize answers by pod, so that a prioritize call can find its answer computed ahead.
@@ -111,6 +125,7 @@ class ScoreCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.planned_hits = 0  # binds that took prioritize's placement instead of deciding again
 
     def get(self, uid: str) -> _Cached | None:
         with self._lock:
@@ -220,8 +235,13 @@ class PlacementService:
         decision = self._fresh(demand, snapshot, policy, shapes, names, score=True)
         scores = extender_scores(decision.evaluation, policy.extender_scoring.mode)
         answer = [*zip(decision.known, scores.tolist(), strict=True), *((name, 0) for name in decision.unknown)]
-        rows = decision.evaluation.rows if not decision.unknown else np.empty(0, dtype=np.int64)
-        self.score_cache.put(uid, _Cached(snapshot.generation, policy, shapes, demand, names, rows, tuple(answer)))
+        evaluation = decision.evaluation
+        rows = evaluation.rows if not decision.unknown else np.empty(0, dtype=np.int64)
+        best = evaluation.best()
+        planned = assign(snapshot, demand, evaluation, best) if best is not None else None
+        planned_row = int(evaluation.rows[best]) if best is not None else -1
+        entry = _Cached(snapshot.generation, policy, shapes, demand, names, rows, tuple(answer), planned, planned_row)
+        self.score_cache.put(uid, entry)
         return answer
 
     def explain(self, pod: Mapping[str, Any], names: list[str] | None = None) -> list[dict[str, Any]]:
@@ -284,10 +304,14 @@ class PlacementService:
         demand = self._demands.get(uid)
         if demand is None:  # we restarted since filter, or another replica filtered: read the pod
             demand = self.demand(self.binder.get_pod(namespace, name))
+        snapshot, policy, shapes = self.model.snapshot(), self.model.policy, self.model.shapes()
+        entry = self.score_cache.get(uid)
+        planned = entry.placement_on(node, snapshot, policy, shapes, demand) if entry is not None else None
+        if planned is not None:
+            self.score_cache.planned_hits += 1
+            return planned
         try:
-            assignment, reason = place_on_node(
-                self.model.snapshot(), demand, node, self.model.policy, self.model.shapes()
-            )
+            assignment, reason = place_on_node(snapshot, demand, node, policy, shapes)
         except KeyError:
             raise BindError(f"{UNKNOWN_NODE}: {node}") from None
         if assignment is None:

@@ -13,10 +13,11 @@ import pytest
 from pydantic import ValidationError
 
 from policies.config import PlacementPolicy
+from policies.engine import place_on_node
 from policies.feasibility import REASON_TEXT, Reason, is_resolvable
 from scheduler.binder import MemoryBinder
 from scheduler.model import ClusterModel
-from scheduler.service import UNKNOWN_NODE, PlacementService, ScoreCache
+from scheduler.service import UNKNOWN_NODE, BindError, PlacementService, ScoreCache
 from tests.helpers import mig_node, node
 
 MIG_PROFILES = ("1g.10gb", "2g.20gb", "3g.40gb")
@@ -90,7 +91,7 @@ def test_prioritize_scored_ahead_equals_a_fresh_one(name: str) -> None:
     cached, fresh = services(policy)
     rng = random.Random(11)
     names = list(cached.model.snapshot().names)
-    hits = 0
+    hits = planned = 0
     for i in range(150):
         p = pod(f"p{i}", rng)
         candidates = rng.sample(names, 30) + (["ghost"] if i % 7 == 0 else [])
@@ -104,8 +105,13 @@ def test_prioritize_scored_ahead_equals_a_fresh_one(name: str) -> None:
         assert cached.prioritize(p, candidates) == fresh.prioritize(p, candidates)
         if passed:
             best = max(scores, key=lambda hs: hs[1])[0]
-            cached.bind("default", p["metadata"]["name"], p["metadata"]["uid"], best)
+            model = cached.model
+            expected, _ = place_on_node(model.snapshot(), cached.demand(p), best, model.policy, model.shapes())
+            before = cached.score_cache.planned_hits
+            assert cached.bind("default", p["metadata"]["name"], p["metadata"]["uid"], best) == expected
+            planned += cached.score_cache.planned_hits - before
     assert hits > 50 and fresh.score_cache.hits == 0
+    assert planned > 50, "binds should mostly take the placement planned when scoring"
 
 
 def test_a_bind_in_between_invalidates() -> None:
@@ -124,6 +130,10 @@ def test_a_bind_in_between_invalidates() -> None:
     misses = cached.score_cache.misses
     cached.filter(first, [top])
     cached.bind("default", "first", "first", top)
+    planned = cached.score_cache.planned_hits
+    with pytest.raises(BindError, match="no longer fits"):  # the plan made before is stale: decided again
+        cached.bind("default", "second", "second", top)
+    assert cached.score_cache.planned_hits == planned
     after = cached.prioritize(second, passed)
     assert cached.score_cache.misses == misses + 1
     assert after == fresh.prioritize(second, passed)
