@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +48,17 @@ class Extender:
     """`gpu-extender serve` in live mode on one fixed port: kube-scheduler's configuration names the URL, so a
     restarted extender must come back where the old one was."""
 
-    def __init__(self, plane: ControlPlane, name: str = "gpu-extender", policy: Path | None = None) -> None:
+    def __init__(
+        self,
+        plane: ControlPlane,
+        name: str = "gpu-extender",
+        policy: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.plane = plane
         self.name = name
         self.policy = policy
+        self.extra_args = list(extra_args)  # more `serve` flags, e.g. the telemetry ones
         (self.port,) = procs.free_ports(1)
         self.component: procs.Component | None = None
 
@@ -59,14 +66,18 @@ class Extender:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def log_path(self) -> Path:
+        return self.plane.workdir / "logs" / f"{self.name}.log"
+
     def start(self, timeout_s: float = 60.0, wait_ready: bool = True) -> procs.Component:
         """Spawn the extender; with ``wait_ready``, return once /readyz answers (its first full list is in)."""
         argv = [sys.executable, "-m", "extender.cli", "serve", "--kubeconfig", str(self.plane.kubeconfig)]
         argv += ["--port", str(self.port)]
         if self.policy is not None:
             argv += ["--policy", str(self.policy)]
-        log = self.plane.workdir / "logs" / f"{self.name}.log"
-        component = procs.spawn(self.name, argv, log)
+        argv += self.extra_args
+        component = procs.spawn(self.name, argv, self.log_path)
         component.port = self.port
         self.component = component
         self.plane.components.append(component)

@@ -30,18 +30,17 @@ import kubernetes.client
 import pytest
 import yaml
 
-from e2e import fleet, helpers, procs, stack
+from e2e import fleet, helpers, procs
 from e2e.controlplane import ControlPlane
 from e2e.helpers import PodWatch, Stack, gpu_pod
 from e2e.prometheus import Prometheus
 from e2e.test_telemetry_live import (
     INTERVAL_S,
     MAX_AGE_S,
-    SCRAPE_S,
     SLACK_S,
     TelemetryExtender,
     published_inventory,
-    start_agents,
+    telemetry_system,
 )
 from policies.feasibility import REASON_TEXT, Reason
 from scheduler.annotations import GPU_INVENTORY
@@ -277,30 +276,15 @@ def live(
     for node, (pool, gpus, _) in NODES.items():
         inventory = {GPU_INVENTORY: published_inventory(node, specs[node])}  # the agent's GPUs, UUIDs included
         manifests += helpers.pool_nodes([fleet.gpu_node(node, gpus, H100, annotations=inventory)], pool)
-    names = fleet.create_nodes(api_client, manifests)
-    ports = dict(zip(specs, procs.free_ports(len(specs)), strict=True))
-    prometheus = Prometheus(workdir, [f"127.0.0.1:{port}" for port in ports.values()], scrape_interval_s=SCRAPE_S)
-    agents: list[procs.Component] = []
-    system: Stack | None = None
-    try:
-        prometheus.start()
-        start_agents(specs, ports, workdir, agents)
-        extender = TelemetryExtender(control_plane, policy_path, prometheus.url, name="gpu-extender-overcommit")
-        system = Stack(control_plane, api_client, extender)
-        extender.start()
-        system.scheduler = control_plane.start_scheduler(stack.scheduler_config(extender.url), name="gpu-scheduler")
-        with PodWatch(api_client, NS) as watch:
-            running = Live(system, extender, prometheus, watch)
-            fill(running)
-            yield running
-    finally:
-        helpers.delete_pods(api_client, NS)
-        if system is not None:
-            system.stop()
-        prometheus.stop()
-        for agent in agents:
-            procs.stop(agent)
-        helpers.delete_nodes(api_client, names)
+    with (
+        telemetry_system(
+            control_plane, api_client, workdir, NS, manifests, specs, policy_path, "gpu-extender-overcommit"
+        ) as running,
+        PodWatch(api_client, NS) as watch,
+    ):
+        live = Live(running.system, running.extender, running.prometheus, watch)
+        fill(live)
+        yield live
 
 
 def test_ineligible_pods_and_guarded_or_busy_gpus_do_not_borrow(live: Live) -> None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import kubernetes.client
 import pytest
@@ -100,28 +101,61 @@ class TelemetryExtender(Extender):
     def __init__(
         self, plane: ControlPlane, policy: Path, prometheus_url: str, name: str = "gpu-extender-telemetry"
     ) -> None:
-        super().__init__(plane, name=name, policy=policy)
-        self.telemetry_args = [
+        telemetry_args = [
             f"--prometheus-url={prometheus_url}",
             f"--telemetry-interval={INTERVAL_S:g}",
             f"--telemetry-window={WINDOW_S:g}",
             f"--telemetry-max-age={MAX_AGE_S:g}",
         ]
+        super().__init__(plane, name=name, policy=policy, extra_args=telemetry_args)
 
-    @property
-    def log_path(self) -> Path:
-        return self.plane.workdir / "logs" / f"{self.name}.log"
 
-    def start(self, timeout_s: float = 60.0, wait_ready: bool = True) -> procs.Component:
-        argv = [sys.executable, "-m", "extender.cli", "serve", "--kubeconfig", str(self.plane.kubeconfig)]
-        argv += ["--port", str(self.port), "--policy", str(self.policy), *self.telemetry_args]
-        component = procs.spawn(self.name, argv, self.log_path)
-        component.port = self.port
-        self.component = component
-        self.plane.components.append(component)
-        if wait_ready:
-            self.wait_ready(timeout_s)
-        return component
+class Running(NamedTuple):
+    system: Stack
+    extender: TelemetryExtender
+    prometheus: Prometheus
+    agents: dict[str, str]  # node -> agent base URL
+
+
+@contextmanager
+def telemetry_system(
+    control_plane: ControlPlane,
+    api_client: kubernetes.client.ApiClient,
+    workdir: Path,
+    namespace: str,
+    nodes: list[dict[str, Any]],
+    specs: dict[str, str],
+    policy: Path,
+    extender_name: str,
+    agents_last: bool = False,
+) -> Iterator[Running]:
+    """The fleet `nodes`, one fake agent per `specs` entry, a real Prometheus scraping them, the extender reading
+    it and kube-scheduler with the shipped profile. Everything is torn down whatever fails: the pods of
+    `namespace`, the processes, the nodes. `agents_last`: start the agents once the rest is up (their load
+    schedules run from their start)."""
+    names = fleet.create_nodes(api_client, nodes)
+    ports = dict(zip(specs, procs.free_ports(len(specs)), strict=True))
+    prometheus = Prometheus(workdir, [f"127.0.0.1:{port}" for port in ports.values()], scrape_interval_s=SCRAPE_S)
+    agents: list[procs.Component] = []
+    system: Stack | None = None
+    try:
+        prometheus.start()
+        urls = {} if agents_last else start_agents(specs, ports, workdir, agents)
+        extender = TelemetryExtender(control_plane, policy, prometheus.url, name=extender_name)
+        system = Stack(control_plane, api_client, extender)
+        extender.start()
+        system.scheduler = control_plane.start_scheduler(stack.scheduler_config(extender.url), name="gpu-scheduler")
+        if agents_last:
+            urls = start_agents(specs, ports, workdir, agents)
+        yield Running(system, extender, prometheus, urls)
+    finally:
+        helpers.delete_pods(api_client, namespace)
+        if system is not None:
+            system.stop()
+        prometheus.stop()
+        for agent in agents:
+            procs.stop(agent)
+        helpers.delete_nodes(api_client, names)
 
 
 @dataclass
@@ -197,29 +231,22 @@ def live(
         fleet.gpu_node(name, GPUS, H100, annotations={GPU_INVENTORY: published_inventory(name, spec)})
         for name, spec in AGENTS.items()
     ]
-    names = fleet.create_nodes(api_client, helpers.pool_nodes(nodes, POOL))
-    ports = dict(zip(AGENTS, procs.free_ports(len(AGENTS)), strict=True))
-    prometheus = Prometheus(workdir, [f"127.0.0.1:{port}" for port in ports.values()], scrape_interval_s=SCRAPE_S)
-    agents: list[procs.Component] = []
-    system: Stack | None = None
-    try:
-        prometheus.start()
-        extender = TelemetryExtender(control_plane, policy_path, prometheus.url)
-        system = Stack(control_plane, api_client, extender)
-        extender.start()
-        system.scheduler = control_plane.start_scheduler(stack.scheduler_config(extender.url), name="gpu-scheduler")
-        # The agents come last: `tl-flip`'s schedule runs from its start, and everything else must be up by then.
-        urls = start_agents(AGENTS, ports, workdir, agents)
-        with PodWatch(api_client, NS) as watch:
-            yield Live(system, extender, prometheus, urls, watch)
-    finally:
-        helpers.delete_pods(api_client, NS)
-        if system is not None:
-            system.stop()
-        prometheus.stop()
-        for agent in agents:
-            procs.stop(agent)
-        helpers.delete_nodes(api_client, names)
+    # The agents come last: `tl-flip`'s schedule runs from its start, and everything else must be up by then.
+    with (
+        telemetry_system(
+            control_plane,
+            api_client,
+            workdir,
+            NS,
+            helpers.pool_nodes(nodes, POOL),
+            AGENTS,
+            policy_path,
+            "gpu-extender-telemetry",
+            agents_last=True,
+        ) as running,
+        PodWatch(api_client, NS) as watch,
+    ):
+        yield Live(running.system, running.extender, running.prometheus, running.agents, watch)
 
 
 def wait_fresh(live: Live, timeout_s: float) -> float:
