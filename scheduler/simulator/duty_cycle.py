@@ -144,10 +144,12 @@ def replay(
             state.release(str(pod))
             del tenants[pod]
         filled = min(t - start, window)
-        state.set_utilization(_measured(history, filled, smoothing, tenants, bound_at, t, grace))
+        # The store's own smoothing; before the first sample every GPU reads idle.
+        smoothed = smooth(history[:filled], smoothing, axis=0) if filled else np.zeros(shape)
         for pod in np.flatnonzero(arrival == t).tolist():
             if trace.last[pod] < t:
                 continue
+            state.set_utilization(_seen_by_extender(smoothed, tenants, bound_at, t, grace))
             demand = Demand(
                 gpu_count=1,
                 gpu_milli=MILLI_PER_GPU,
@@ -166,11 +168,6 @@ def replay(
             tenants[pod] = (snapshot.index[assignment.node], assignment.gpus[0])
             bound_at[pod] = t
             placed += 1
-            # Until the next sample, the new pod counts at its whole share (the telemetry store's estimate).
-            util = state.gpu_util.copy()
-            row, gpu = tenants[pod]
-            util[row, gpu] = np.nan_to_num(util[row, gpu]) + assignment.milli / MILLI_PER_GPU
-            state.set_utilization(util)
         load = np.zeros(shape)
         solo = np.zeros(shape)
         for pod, (row, gpu) in tenants.items():
@@ -200,22 +197,15 @@ def replay(
     )
 
 
-def _measured(
-    history: np.ndarray,
-    filled: int,
-    smoothing: Smoothing,
-    tenants: dict[int, tuple[int, int]],
-    bound_at: dict[int, int],
-    t: int,
-    grace: int,
+def _seen_by_extender(
+    smoothed: np.ndarray, tenants: dict[int, tuple[int, int]], bound_at: dict[int, int], t: int, grace: int
 ) -> np.ndarray:
-    """The busy fraction the extender would see: smoothed samples, plus pods bound in the last `grace` steps at
-    their whole share (the store's estimate with `--telemetry-estimate-grace`), so a GPU is not judged only by
-    samples taken before its newest tenant arrived."""
-    # The store's own smoothing; before the first sample every GPU reads idle.
-    util = smooth(history[:filled], smoothing, axis=0) if filled else np.zeros(history.shape[1:])
+    """The busy fraction the extender would see: the smoothed samples, plus each pod bound since the last sample
+    or in the `grace` steps before at its whole share (the store's estimate with `--telemetry-estimate-grace`;
+    every replica asks a whole GPU), so a GPU is not judged only by samples taken before its newest tenant."""
+    util = smoothed.copy()
     for pod, (row, gpu) in tenants.items():
-        if t - bound_at[pod] < grace:
+        if t - bound_at[pod] < max(grace, 1):
             util[row, gpu] += 1.0
     return util.astype(np.float32)
 
