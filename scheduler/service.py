@@ -89,7 +89,7 @@ class _Cached:
     ) -> bool:
         """Scores depend on the policy, the typical shapes, the pod and the state of the scored rows only (ranks
         are relative among them), so changes to other nodes since leave the answer exact."""
-        if not (self.policy is policy and self.shapes is shapes and self.demand == demand and self.names == names):
+        if not (self._same_inputs(policy, shapes, demand) and self.names == names):
             return False
         if snapshot.generation == self.generation:
             return True
@@ -97,6 +97,9 @@ class _Cached:
         if not len(rows) or int(rows.max()) >= snapshot.size:  # a name unknown then may be known now
             return False
         return int(snapshot.row_version[rows].max()) <= self.generation
+
+    def _same_inputs(self, policy: PlacementPolicy, shapes: TypicalShapes, demand: Demand) -> bool:
+        return self.policy is policy and self.shapes is shapes and self.demand == demand
 
     def placement_on(
         self, node: str, snapshot: ClusterSnapshot, policy: PlacementPolicy, shapes: TypicalShapes, demand: Demand
@@ -106,7 +109,7 @@ class _Cached:
         planned, row = self.planned, self.planned_row
         if planned is None or planned.node != node or not 0 <= row < snapshot.size:
             return None
-        if not (self.policy is policy and self.shapes is shapes and self.demand == demand):
+        if not self._same_inputs(policy, shapes, demand):
             return None
         return planned if int(snapshot.row_version[row]) <= self.generation else None
 
