@@ -50,6 +50,11 @@ def pod(uid: str, rng: random.Random) -> dict[str, Any]:
     }
 
 
+def ask_gpus(p: dict[str, Any], count: int) -> None:
+    """Make the pod ask for `count` whole GPUs and nothing else."""
+    p["spec"]["containers"][0]["resources"] = {"requests": {"nvidia.com/gpu": str(count)}, "limits": {}}
+
+
 def services(policy: PlacementPolicy | None = None) -> tuple[PlacementService, PlacementService]:
     """Two services over one model: one remembers prioritize answers, the other computes every answer afresh."""
     model = ClusterModel(policy or PlacementPolicy())
@@ -119,8 +124,8 @@ def test_a_bind_in_between_invalidates() -> None:
     rng = random.Random(5)
     names = list(cached.model.snapshot().names)
     first, second = pod("first", rng), pod("second", rng)
-    first["spec"]["containers"][0]["resources"] = {"requests": {"nvidia.com/gpu": "1"}, "limits": {}}
-    second["spec"]["containers"][0]["resources"] = {"requests": {"nvidia.com/gpu": "8"}, "limits": {}}
+    ask_gpus(first, 1)
+    ask_gpus(second, 8)
     passed = cached.filter(second, names).passed
     cached.prepare_prioritize(second, passed)
     assert len(passed) > 1
@@ -144,14 +149,14 @@ def test_policy_or_pod_change_invalidates() -> None:
     cached, _ = services()
     names = list(cached.model.snapshot().names)
     p = pod("p", random.Random(7))
-    p["spec"]["containers"][0]["resources"] = {"requests": {"nvidia.com/gpu": "1"}, "limits": {}}
+    ask_gpus(p, 1)
     passed = cached.filter(p, names).passed
     cached.prepare_prioritize(p, passed)
     cached.model.set_policy(PlacementPolicy.model_validate({"extenderScoring": {"mode": "linear"}}))
     misses = cached.score_cache.misses
     cached.prioritize(p, passed)
     assert cached.score_cache.misses == misses + 1
-    p["spec"]["containers"][0]["resources"] = {"requests": {"nvidia.com/gpu": "2"}, "limits": {}}  # same UID
+    ask_gpus(p, 2)  # same UID
     cached.prioritize(p, passed)
     assert cached.score_cache.misses == misses + 2
     cached.prioritize(p, passed)
@@ -162,7 +167,7 @@ def test_other_names_are_computed_afresh() -> None:
     cached, fresh = services()
     names = list(cached.model.snapshot().names)
     p = pod("p", random.Random(9))
-    p["spec"]["containers"][0]["resources"] = {"requests": {"nvidia.com/gpu": "1"}, "limits": {}}
+    ask_gpus(p, 1)
     passed = cached.filter(p, names).passed
     cached.prepare_prioritize(p, passed)
     subset = passed[::2]
@@ -193,11 +198,11 @@ def test_changes_to_other_nodes_keep_the_answer_and_it_stays_exact() -> None:
     rng = random.Random(11)
     names = list(cached.model.snapshot().names)
     p = pod("p", rng)
-    p["spec"]["containers"][0]["resources"] = {"requests": {"nvidia.com/gpu": "1"}, "limits": {}}
+    ask_gpus(p, 1)
     passed = [n for n in cached.filter(p, names[:20]).passed]
     cached.prepare_prioritize(p, passed)
     elsewhere = pod("elsewhere", rng)
-    elsewhere["spec"]["containers"][0]["resources"] = {"requests": {"nvidia.com/gpu": "1"}, "limits": {}}
+    ask_gpus(elsewhere, 1)
     outside = next(n for n in names[20:] if cached.filter(elsewhere, [n]).passed)
     cached.bind("default", "elsewhere", "elsewhere", outside)  # a change, but not to a scored node
     hits = cached.score_cache.hits
