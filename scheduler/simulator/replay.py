@@ -148,8 +148,6 @@ class Replay:
         self.verify = verify
         self.n = self.snapshot.size
         self.all_rows = np.arange(self.n, dtype=np.int64)
-        self._changed = np.zeros(self.n, dtype=np.int64)  # version at which each node last changed
-        self._version = 0
         self._cache: dict[Demand, _Cached] = {}
         self._next_start = 0
         self.capacity_milli = self.snapshot.gpu_capacity_milli()
@@ -168,14 +166,14 @@ class Replay:
             self._cache[demand] = cached
             stale = self.all_rows
         else:
-            stale = np.flatnonzero(self._changed > cached.stamp)
+            stale = np.flatnonzero(self.state.row_version > cached.stamp)  # nodes changed since
         if len(stale):
             fresh = self.policy.evaluate(self.snapshot, demand, stale)
             cached.reasons[stale] = fresh.reasons
             cached.scores[stale] = fresh.scores
             cached.choice[stale] = fresh.choice
             cached.mig_start[stale] = fresh.mig_start
-        cached.stamp = self._version
+        cached.stamp = self.state.generation
         evaluation = Evaluation(self.all_rows, cached.reasons, cached.scores, cached.choice, cached.mig_start, {})
         if self.verify:
             full = self.policy.evaluate(self.snapshot, demand, self.all_rows)
@@ -237,10 +235,7 @@ class Replay:
             return None
         assignment = self.policy.assign(self.snapshot, demand, evaluation, index, self.rng)
         self.state.apply(key, assignment)
-        row = int(evaluation.rows[index])
-        self._version += 1
-        self._changed[row] = self._version
-        self.policy.observe(self.snapshot, row, demand, assignment)
+        self.policy.observe(self.snapshot, int(evaluation.rows[index]), demand, assignment)
         return assignment
 
     def run(self, demands: list[Demand] | tuple[Demand, ...], progress=None) -> dict[str, np.ndarray]:
