@@ -5,7 +5,8 @@ fills each to about half its GPU capacity through filter/prioritize/bind, then t
 calls with 500 and 5,000 candidate node names from the client side on loopback. Prioritize gets the names filter
 let through and is skipped when only one passed, as kube-scheduler does (`--prioritize all` sends it every
 candidate name instead). Prints p50/p99/max per verb and per pod (filter and prioritize together, what the
-scheduling loop waits for) and the server's peak resident memory.
+scheduling loop waits for) and the server's peak resident memory. Each timed pod is then bound to its best node,
+untimed, as kube-scheduler would.
 
     python -m e2e.bench_extender [--calls 400] [--fleet openb|5000|both] [--prioritize passed|all]
 """
@@ -123,14 +124,7 @@ def _fill(client: Client, names: list[str], pods: list[TracePod], target: float,
             if not passed["NodeNames"]:
                 continue
             scores = client.call("POST", "/prioritize", {"Pod": pod, "Nodes": None, "NodeNames": passed["NodeNames"]})
-            best = max(scores, key=lambda h: h["Score"])["Host"]
-            meta = pod["metadata"]
-            reply = client.call(
-                "POST",
-                "/bind",
-                {"PodName": meta["name"], "PodNamespace": "default", "PodUID": meta["uid"], "Node": best},
-            )
-            bound += not reply["Error"]
+            bound += _bind(client, pod, max(scores, key=lambda h: h["Score"])["Host"])
 
 
 def _percentiles(samples: list[float]) -> str:
@@ -149,11 +143,21 @@ def _time_pod(client: Client, body: dict[str, Any], prioritize_all: bool, timing
     if len(passed) < 2 and not prioritize_all:
         timings["per pod"].append(filtered - start)
         return 0
-    client.call("POST", "/prioritize", {**body, "NodeNames": names})
+    scores = client.call("POST", "/prioritize", {**body, "NodeNames": names})
     end = time.perf_counter()
     timings["prioritize"].append(end - filtered)
     timings["per pod"].append(end - start)
+    _bind(client, body["Pod"], max(scores, key=lambda h: h["Score"])["Host"])
     return len(names)
+
+
+def _bind(client: Client, pod: dict[str, Any], node: str) -> bool:
+    """Bind as kube-scheduler does next (not timed: it runs beside the scheduling loop, not in it)."""
+    meta = pod["metadata"]
+    reply = client.call(
+        "POST", "/bind", {"PodName": meta["name"], "PodNamespace": "default", "PodUID": meta["uid"], "Node": node}
+    )
+    return not reply["Error"]
 
 
 def bench(

@@ -32,7 +32,7 @@ from extender.wire import (
     filter_result,
 )
 from scheduler.podspec import PodSpecError
-from scheduler.service import BindError, NotReadyError, PlacementService
+from scheduler.service import BindError, FilterOutcome, NotReadyError, PlacementService
 
 log = logging.getLogger("gpu_extender.http")
 
@@ -152,6 +152,7 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderA
 
     def filter_(args: ExtenderArgs) -> tuple[Any, Callable[[], None] | None]:
         names = args.node_names()
+        outcomes: list[FilterOutcome] = []
 
         def call() -> dict[str, Any]:
             try:
@@ -163,15 +164,17 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderA
                 return filter_result([], unresolvable=dict.fromkeys(names, reason))
             for reason, count in outcome.reasons.items():
                 rejections(reason).inc(count)
+            outcomes.append(outcome)
             return filter_result(outcome.passed, outcome.failed, outcome.unresolvable)
 
         payload = _answer("filter", call, lambda error: filter_result([], error=error))
-        passed = payload["NodeNames"]
-        return payload, (lambda: _prepare(args.Pod, passed)) if len(passed) > 1 else None
+        if not outcomes or len(outcomes[0].passed) < 2:
+            return payload, None
+        return payload, lambda: _prepare(args.Pod, outcomes[0])
 
-    def _prepare(pod: dict[str, Any], passed: list[str]) -> None:
+    def _prepare(pod: dict[str, Any], outcome: FilterOutcome) -> None:
         try:
-            service.prepare_prioritize(pod, passed)
+            service.prepare_prioritize(pod, outcome)
         except Exception:  # only an optimisation: prioritize computes its answer itself if this did not
             log.exception("scoring ahead of prioritize failed")
 

@@ -74,9 +74,16 @@ class TypicalShapesSpec(_Strict):
 
 
 class ExtenderScoring(_Strict):
-    """How raw scores become the 0..10 integers kube-scheduler accepts."""
+    """How raw scores become the 0..10 integers kube-scheduler accepts.
+
+    `assumeBest`: prioritize holds the placement on the node it scores 10 until bind, as kube-scheduler assumes a
+    pod before binding it. The next pod is then decided on a view that already counts this one, and bind finds
+    its GPUs chosen. Turn it off where other score plugins can outweigh the extender: a different choice is
+    handled at bind, but holds capacity for nothing until then.
+    """
 
     mode: Literal["rank", "linear"] = "rank"
+    assume_best: bool = Field(True, alias="assumeBest")
 
 
 class FragmentationScoring(_Strict):
@@ -86,7 +93,11 @@ class FragmentationScoring(_Strict):
 
 
 class Reservations(_Strict):
+    """How long capacity is held for a pod the watch has not yet shown bound: after bind (`ttlSeconds`), and
+    between prioritize and bind (`assumedTtlSeconds`, when the scheduler never binds the pod)."""
+
     ttl_seconds: float = Field(120.0, gt=0, alias="ttlSeconds")
+    assumed_ttl_seconds: float = Field(30.0, gt=0, alias="assumedTtlSeconds")
 
 
 class Overcommit(_Strict):

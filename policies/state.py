@@ -90,7 +90,9 @@ class ClusterState:
     def _build(self, nodes: list[NodeInventory]) -> None:
         n = len(nodes)
         g = max([self._max_gpus, *(len(node.gpus) for node in nodes)])
-        self._nodes = nodes
+        # Fixed until the next build, so every snapshot shares them instead of copying.
+        self._names = tuple(node.name for node in nodes)
+        self._inventories = tuple(nodes)
         self._index = {node.name: i for i, node in enumerate(nodes)}
         models = sorted({gpu.model for node in nodes for gpu in node.gpus})
         model_pos = {m: i for i, m in enumerate(models)}
@@ -226,15 +228,15 @@ class ClusterState:
 
     @property
     def nodes(self) -> list[NodeInventory]:
-        return list(self._nodes)
+        return list(self._inventories)
 
     def view(self) -> ClusterSnapshot:
         """A snapshot that shares this state's arrays: for a single-threaded caller (the simulator)."""
         return ClusterSnapshot(
             generation=self._generation,
-            names=tuple(node.name for node in self._nodes),
+            names=self._names,
             index=self._index,
-            inventories=tuple(self._nodes),
+            inventories=self._inventories,
             models=self._models,
             model_id=self.model_id,
             cpu_total=self.cpu_total,
@@ -278,4 +280,4 @@ class ClusterState:
             array = getattr(shared, name).copy()
             array.flags.writeable = False
             copies[name] = array
-        return replace(shared, index=dict(self._index), **copies)
+        return replace(shared, **copies)

@@ -1,8 +1,9 @@
 """The cluster model every verb reads: one writer mutates a `ClusterState`, readers get immutable snapshots.
 
 Feeders (the API-server watches, or a static fleet file) call the mutators; request handlers call `snapshot()`,
-which returns the last published snapshot without taking a lock. Reservations made at bind time hold capacity
-between our decision and the moment the watch shows the bound pod, so two pods never get the same GPU share.
+which returns the last published snapshot without taking a lock. Reservations hold capacity between our decision
+and the moment the watch shows the bound pod, so two pods never get the same GPU share: from bind, or already from
+prioritize (an assumption, as kube-scheduler assumes a pod before binding it) for the node we scored best.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = ["ClusterModel", "ConflictError", "Reservation"]
 class Reservation:
     assignment: Assignment
     expires_at: float
+    assumed: bool = False  # held since prioritize; bind has not asked for it yet
 
 
 class ClusterModel:
@@ -132,6 +134,51 @@ class ClusterModel:
             self._reservations[key] = Reservation(assignment, self._clock() + ttl)
             self._publish()
 
+    def assume(self, key: str, assignment: Assignment) -> bool:
+        """Hold the placement prioritize recommends until bind asks for it. Holds nothing and returns False when the
+        pod already holds capacity or this capacity has been taken meanwhile."""
+        with self._lock:
+            self._expire_locked()
+            if key in self._state.assignments:
+                return False
+            try:
+                self._state.apply(key, assignment)
+            except (ConflictError, KeyError):
+                return False
+            ttl = self._policy.reservations.assumed_ttl_seconds
+            self._reservations[key] = Reservation(assignment, self._clock() + ttl, assumed=True)
+            self._publish()
+            return True
+
+    def release_assumed(self, key: str) -> None:
+        """Give back what an earlier prioritize held for a pod now being decided again, which must not count
+        against itself."""
+        held = self._reservations.get(key)  # most pods hold nothing: no lock for them
+        if held is None or not held.assumed:
+            return
+        with self._lock:
+            held = self._reservations.get(key)
+            if held is not None and held.assumed:
+                del self._reservations[key]
+                self._state.release(key)
+                self._publish()
+
+    def take_assumed(self, key: str, node: str) -> Assignment | None:
+        """Bind asks for `node`: an assumption there becomes the bind's reservation without touching the state (so
+        answers scored since stay valid) and is returned; one on another node is given back."""
+        with self._lock:
+            held = self._reservations.get(key)
+            if held is None or not held.assumed:
+                return None
+            if held.assignment.node == node:
+                ttl = self._policy.reservations.ttl_seconds
+                self._reservations[key] = Reservation(held.assignment, self._clock() + ttl)
+                return held.assignment
+            del self._reservations[key]
+            self._state.release(key)
+            self._publish()
+            return None
+
     def unreserve(self, key: str) -> None:
         """Give back a reservation whose binding failed."""
         with self._lock:
@@ -236,7 +283,9 @@ class ClusterModel:
         return typical_shapes(weighted, coverage=1.0)
 
     def _publish(self) -> None:
-        self._snapshot = self._state.snapshot()
+        """Swap in a new snapshot if the state changed (every change bumps its generation)."""
+        if self._state.generation != self._snapshot.generation:
+            self._snapshot = self._state.snapshot()
 
 
 def _gpus_unplaced(assignment: Assignment, demand: Demand) -> bool:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import compress
 from typing import Any, Protocol
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from policies.config import PlacementPolicy
 from policies.demand import Demand
-from policies.engine import Evaluation, assign, evaluate, extender_scores, place_on_node
+from policies.engine import Evaluation, assign, evaluate, extender_scores, place_on_node, score_evaluation
 from policies.feasibility import REASON_TEXT, Reason, is_resolvable
 from policies.fragmentation import TypicalShapes
 from policies.inventory import Assignment, NodeInventory
@@ -49,20 +49,31 @@ class Binder(Protocol):
 
 
 @dataclass(frozen=True)
+class _Decision:
+    """One evaluation of a pod over requested names, with everything it was computed from."""
+
+    snapshot: ClusterSnapshot
+    policy: PlacementPolicy
+    shapes: TypicalShapes
+    demand: Demand
+    evaluation: Evaluation
+    names: list[str]  # as requested
+    known: list[str]  # the requested names the snapshot knows, in request order (= evaluation.rows)
+    unknown: list[str]
+
+    def feasible_part(self, passed: list[str]) -> _Decision:
+        """The same decision over the names it found feasible (`passed`, in order): what prioritize is asked next."""
+        at = np.flatnonzero(self.evaluation.feasible)
+        return replace(self, evaluation=self.evaluation.take(at), names=passed, known=passed, unknown=[])
+
+
+@dataclass(frozen=True)
 class FilterOutcome:
     passed: list[str]
     failed: dict[str, str] = field(default_factory=dict)
     unresolvable: dict[str, str] = field(default_factory=dict)
     reasons: Counter[str] = field(default_factory=Counter)
-
-
-@dataclass(frozen=True)
-class _Decision:
-    snapshot: ClusterSnapshot
-    demand: Demand
-    evaluation: Evaluation
-    known: list[str]  # the requested names the snapshot knows, in request order (= evaluation.rows)
-    unknown: list[str]
+    decision: _Decision | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,28 @@ class _Cached:
         if not self._same_inputs(policy, shapes, demand):
             return None
         return planned if int(snapshot.row_version[row]) <= self.generation else None
+
+
+class RowLookup:
+    """Snapshot rows of requested node names, remembered for the last few lists asked.
+
+    kube-scheduler sends the same candidate list pod after pod. Comparing a freshly parsed list with the last one
+    is a fraction of the cost of looking each name up (every lookup hashes a new string and misses the CPU cache).
+    Rows stay valid while the snapshots share their name index, which only a change of the node set replaces.
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self._recent: deque[tuple[Mapping[str, int], list[str], np.ndarray, list[str]]] = deque(maxlen=size)
+
+    def lookup(self, snapshot: ClusterSnapshot, names: list[str]) -> tuple[np.ndarray, list[str]]:
+        index = snapshot.index
+        for seen_index, seen_names, rows, unknown in self._recent:
+            if seen_index is index and seen_names == names:
+                return rows, unknown
+        rows, unknown = snapshot.rows(names)
+        rows.flags.writeable = False
+        self._recent.appendleft((index, names, rows, unknown))
+        return rows, unknown
 
 
 class ScoreCache:
@@ -170,6 +203,7 @@ class PlacementService:
         self._demands: OrderedDict[str, Demand] = OrderedDict()
         self._demand_cache_size = demand_cache_size
         self.score_cache = ScoreCache()
+        self._rows = RowLookup()
 
     # -- read-only verbs ---------------------------------------------------------------------------------
     def demand(self, pod: Mapping[str, Any]) -> Demand:
@@ -192,8 +226,8 @@ class PlacementService:
         if not self.model.ready:
             raise NotReadyError("the GPU extender's cluster view is not ready yet (initial list in progress)")
 
-    @staticmethod
     def _fresh(
+        self,
         demand: Demand,
         snapshot: ClusterSnapshot,
         policy: PlacementPolicy,
@@ -201,13 +235,15 @@ class PlacementService:
         names: list[str],
         score: bool,
     ) -> _Decision:
-        rows, unknown = snapshot.rows(names)
+        rows, unknown = self._rows.lookup(snapshot, names)
         evaluation = evaluate(snapshot, demand, rows, policy, shapes, score=score)
         known = names if not unknown else [snapshot.names[r] for r in rows.tolist()]
-        return _Decision(snapshot, demand, evaluation, known, unknown)
+        return _Decision(snapshot, policy, shapes, demand, evaluation, names, known, unknown)
 
     def filter(self, pod: Mapping[str, Any], names: list[str]) -> FilterOutcome:
-        outcome = _outcome(self._evaluate(pod, names, score=False))
+        self.model.release_assumed(pod_uid(pod))  # a retried pod: what it held must not count against it
+        decision = self._evaluate(pod, names, score=False)
+        outcome = _outcome(decision)
         if outcome.reasons:
             meta = pod.get("metadata") or {}
             log.info(
@@ -216,36 +252,54 @@ class PlacementService:
             )
         return outcome
 
-    def prepare_prioritize(self, pod: Mapping[str, Any], names: list[str]) -> None:
-        """Compute prioritize's answer before it is asked. kube-scheduler calls prioritize next with exactly the
-        names filter let through (not at all for a single one); done right after filter's answer is sent, the
-        scoring overlaps with the scheduler's own work between the two calls instead of adding to them."""
-        if len(names) > 1:
-            self.prioritize(pod, names)
+    def prepare_prioritize(self, pod: Mapping[str, Any], outcome: FilterOutcome) -> None:
+        """Score filter's passed nodes before prioritize asks for them. kube-scheduler calls prioritize next with
+        exactly those names (not at all for a single one); scored from filter's own evaluation, feasibility is
+        not computed twice, and the work overlaps the scheduler's between the two calls."""
+        if outcome.decision is not None and len(outcome.passed) > 1:
+            self._score(pod_uid(pod), outcome.decision.feasible_part(outcome.passed))
 
     def prioritize(self, pod: Mapping[str, Any], names: list[str]) -> list[tuple[str, int]]:
         """Scores 0..10 for `names`: the answer computed ahead when nothing it depends on has changed since,
-        else a fresh one (remembered for the next call)."""
+        else a fresh one. The placement on the node scored 10 is then held until bind (`assumeBest`)."""
         self._check_ready()
         demand = self.demand(pod)
-        snapshot, policy, shapes = self.model.snapshot(), self.model.policy, self.model.shapes()
         uid = pod_uid(pod)
+        self.model.release_assumed(uid)
+        snapshot, policy, shapes = self.model.snapshot(), self.model.policy, self.model.shapes()
         entry = self.score_cache.get(uid)
         if entry is not None and entry.still_valid(snapshot, policy, shapes, demand, names):
             self.score_cache.hits += 1
-            return list(entry.answer)
-        self.score_cache.misses += 1
-        decision = self._fresh(demand, snapshot, policy, shapes, names, score=True)
-        scores = extender_scores(decision.evaluation, policy.extender_scoring.mode)
-        answer = [*zip(decision.known, scores.tolist(), strict=True), *((name, 0) for name in decision.unknown)]
-        evaluation = decision.evaluation
+        else:
+            self.score_cache.misses += 1
+            entry = self._score(uid, self._fresh(demand, snapshot, policy, shapes, names, score=False))
+        if entry.planned is not None and policy.extender_scoring.assume_best:
+            self.model.assume(uid, entry.planned)
+        return list(entry.answer)
+
+    def _score(self, uid: str, decision: _Decision) -> _Cached:
+        """Prioritize's answer for a decision, and the placement on its best node; remembered for the pod."""
+        evaluation = score_evaluation(
+            decision.snapshot, decision.demand, decision.evaluation, decision.policy, decision.shapes
+        )
+        scores = extender_scores(evaluation, decision.policy.extender_scoring.mode)
+        answer = (*zip(decision.known, scores.tolist(), strict=True), *((name, 0) for name in decision.unknown))
         rows = evaluation.rows if not decision.unknown else np.empty(0, dtype=np.int64)
         best = evaluation.best()
-        planned = assign(snapshot, demand, evaluation, best) if best is not None else None
-        planned_row = int(evaluation.rows[best]) if best is not None else -1
-        entry = _Cached(snapshot.generation, policy, shapes, demand, names, rows, tuple(answer), planned, planned_row)
+        planned = assign(decision.snapshot, decision.demand, evaluation, best) if best is not None else None
+        entry = _Cached(
+            decision.snapshot.generation,
+            decision.policy,
+            decision.shapes,
+            decision.demand,
+            decision.names,
+            rows,
+            answer,
+            planned,
+            int(evaluation.rows[best]) if best is not None else -1,
+        )
         self.score_cache.put(uid, entry)
-        return answer
+        return entry
 
     def explain(self, pod: Mapping[str, Any], names: list[str] | None = None) -> list[dict[str, Any]]:
         """Why each node would or would not take the pod: reason, raw score, each scorer's part, placement."""
@@ -276,32 +330,39 @@ class PlacementService:
         if not self.model.ready:
             raise BindError("the GPU extender's cluster view is not ready yet")
         key = uid or f"{namespace}/{name}"
-        existing = self.model.assignment_of(key)
-        if existing is not None:
-            if existing.node != node:
-                raise BindError(f"pod {namespace}/{name} already holds GPUs on {existing.node}, not {node}")
-            assignment = existing  # a retried bind: write the same decision again
-            reserved_now = False
-        else:
-            assignment = self._decide(namespace, name, uid, node)
-            try:
-                self.model.reserve(key, assignment)
-            except ConflictError as exc:
-                raise BindError(f"capacity on {node} changed before binding: {exc}") from exc
-            reserved_now = True
+        assignment, taken = self._hold(key, namespace, name, uid, node)
         snapshot = self.model.snapshot()
         inventory = snapshot.inventories[snapshot.index[node]]
         try:
             self.binder.bind(namespace, name, uid, node, assignment_annotations(assignment, inventory))
         except Exception as exc:
-            if reserved_now:
+            if taken:
                 self.model.unreserve(key)
             raise BindError(f"binding {namespace}/{name} to {node} failed: {exc}") from exc
-        if reserved_now:
+        if taken:
             self.recent_bindings.record(assignment)
-        if self._confirm_on_bind and reserved_now:
-            self.model.pod_bound(key, assignment, self._demands.get(uid) or Demand())
+            if self._confirm_on_bind:
+                self.model.pod_bound(key, assignment, self._demands.get(uid) or Demand())
         return assignment
+
+    def _hold(self, key: str, namespace: str, name: str, uid: str, node: str) -> tuple[Assignment, bool]:
+        """The GPUs the pod gets on `node`, held in the model, and whether this call took hold of them (a failed
+        binding then gives them back; a retried bind writes the same decision again)."""
+        assumed = self.model.take_assumed(key, node)
+        if assumed is not None:
+            self.score_cache.planned_hits += 1
+            return assumed, True
+        existing = self.model.assignment_of(key)
+        if existing is not None:
+            if existing.node != node:
+                raise BindError(f"pod {namespace}/{name} already holds GPUs on {existing.node}, not {node}")
+            return existing, False
+        assignment = self._decide(namespace, name, uid, node)
+        try:
+            self.model.reserve(key, assignment)
+        except ConflictError as exc:
+            raise BindError(f"capacity on {node} changed before binding: {exc}") from exc
+        return assignment, True
 
     def _decide(self, namespace: str, name: str, uid: str, node: str) -> Assignment:
         demand = self._demands.get(uid)
@@ -364,7 +425,7 @@ def _outcome(decision: _Decision) -> FilterOutcome:
     the decision itself)."""
     known, reasons = decision.known, decision.evaluation.reasons
     fits = reasons == Reason.FITS
-    outcome = FilterOutcome(passed=list(compress(known, fits.tolist())))
+    outcome = FilterOutcome(passed=list(compress(known, fits.tolist())), decision=decision)
     if not fits.all():
         for code in np.unique(reasons[~fits]).tolist():
             text, resolvable = _VERDICTS[code]

@@ -1,6 +1,7 @@
 """Prioritize finds its answer scored ahead (right after filter) when nothing changed in between, and it is the answer
-a fresh computation gives; any change of state, policy, pod or names makes it compute again. Filter's verdicts,
-grouped by reason, are what reading the evaluation node by node gives."""
+a fresh computation gives; any change of state, policy, pod or names makes it compute again. Prioritize holds the
+placement on the node it scores 10 until bind asks for it. Filter's verdicts, grouped by reason, are what reading the
+evaluation node by node gives."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from policies.engine import place_on_node
 from policies.feasibility import REASON_TEXT, Reason, is_resolvable
 from scheduler.binder import MemoryBinder
 from scheduler.model import ClusterModel
-from scheduler.service import UNKNOWN_NODE, BindError, PlacementService, ScoreCache
+from scheduler.service import UNKNOWN_NODE, BindError, PlacementService, RowLookup, ScoreCache
 from tests.helpers import mig_node, node
 
 MIG_PROFILES = ("1g.10gb", "2g.20gb", "3g.40gb")
@@ -68,14 +69,19 @@ def services(policy: PlacementPolicy | None = None) -> tuple[PlacementService, P
     return cached, fresh
 
 
-def schedule(service: PlacementService, p: dict[str, Any], names: list[str]) -> list[str]:
-    """What kube-scheduler and the HTTP layer do: filter, score ahead, prioritize, bind to the best."""
-    passed = service.filter(p, names).passed
-    service.prepare_prioritize(p, passed)
-    if passed:
-        best = max(service.prioritize(p, passed), key=lambda hs: hs[1])[0]
-        service.bind("default", p["metadata"]["name"], p["metadata"]["uid"], best)
-    return passed
+def filter_ahead(service: PlacementService, p: dict[str, Any], names: list[str]) -> list[str]:
+    """What the HTTP layer does on filter: answer, then score the passed names ahead of prioritize."""
+    outcome = service.filter(p, names)
+    service.prepare_prioritize(p, outcome)
+    return outcome.passed
+
+
+def best_of(scores: list[tuple[str, int]]) -> str:
+    return max(scores, key=lambda hs: hs[1])[0]
+
+
+def bind(service: PlacementService, p: dict[str, Any], node: str):  # type: ignore[no-untyped-def]
+    return service.bind("default", p["metadata"]["name"], p["metadata"]["uid"], node)
 
 
 POLICIES = {
@@ -94,29 +100,31 @@ def test_prioritize_scored_ahead_equals_a_fresh_one(name: str) -> None:
     except ValidationError:
         pytest.skip(f"this policy schema has no {name}")
     cached, fresh = services(policy)
+    model = cached.model
     rng = random.Random(11)
-    names = list(cached.model.snapshot().names)
+    names = list(model.snapshot().names)
     hits = planned = 0
     for i in range(150):
         p = pod(f"p{i}", rng)
         candidates = rng.sample(names, 30) + (["ghost"] if i % 7 == 0 else [])
-        passed = cached.filter(p, candidates).passed
-        assert passed == fresh.filter(p, candidates).passed
-        cached.prepare_prioritize(p, passed)
+        passed = filter_ahead(cached, p, candidates)
+        assert fresh.filter(p, candidates).passed == passed
         before = cached.score_cache.hits
         scores = cached.prioritize(p, passed)
         hits += cached.score_cache.hits - before
+        # Each prioritize gives back what the pod held and holds its best again: the answers stay comparable.
         assert scores == fresh.prioritize(p, passed)
         assert cached.prioritize(p, candidates) == fresh.prioritize(p, candidates)
         if passed:
-            best = max(scores, key=lambda hs: hs[1])[0]
-            model = cached.model
+            best = best_of(scores)
+            model.release_assumed(p["metadata"]["uid"])
             expected, _ = place_on_node(model.snapshot(), cached.demand(p), best, model.policy, model.shapes())
+            cached.prioritize(p, passed)
             before = cached.score_cache.planned_hits
-            assert cached.bind("default", p["metadata"]["name"], p["metadata"]["uid"], best) == expected
+            assert bind(cached, p, best) == expected
             planned += cached.score_cache.planned_hits - before
     assert hits > 50 and fresh.score_cache.hits == 0
-    assert planned > 50, "binds should mostly take the placement planned when scoring"
+    assert planned > 50, "binds should mostly take the placement held since prioritize"
 
 
 def test_a_bind_in_between_invalidates() -> None:
@@ -126,23 +134,96 @@ def test_a_bind_in_between_invalidates() -> None:
     first, second = pod("first", rng), pod("second", rng)
     ask_gpus(first, 1)
     ask_gpus(second, 8)
-    passed = cached.filter(second, names).passed
-    cached.prepare_prioritize(second, passed)
+    passed = filter_ahead(cached, second, names)
     assert len(passed) > 1
-    before = dict(cached.prioritize(second, passed))
-    top = max(before, key=before.__getitem__)
-    # Another pod takes a GPU on the node `second` preferred: its answer must change, not come from the cache.
+    entry = cached.score_cache.get("second")
+    assert entry is not None
+    top = best_of(list(entry.answer))
+    # Another pod takes a GPU on the node `second` would prefer: its answer must change, not come from the cache.
     misses = cached.score_cache.misses
     cached.filter(first, [top])
-    cached.bind("default", "first", "first", top)
-    planned = cached.score_cache.planned_hits
-    with pytest.raises(BindError, match="no longer fits"):  # the plan made before is stale: decided again
-        cached.bind("default", "second", "second", top)
-    assert cached.score_cache.planned_hits == planned
+    bind(cached, first, top)
     after = cached.prioritize(second, passed)
     assert cached.score_cache.misses == misses + 1
-    assert after == fresh.prioritize(second, passed)
     assert dict(after)[top] != 10
+    cached.model.release_assumed("second")
+    assert after == fresh.prioritize(second, passed)
+
+
+def test_a_stale_plan_is_decided_again_at_bind() -> None:
+    cached, _ = services(PlacementPolicy.model_validate({"extenderScoring": {"assumeBest": False}}))
+    names = list(cached.model.snapshot().names)
+    first, second = pod("first", random.Random(5)), pod("second", random.Random(5))
+    ask_gpus(first, 1)
+    ask_gpus(second, 8)
+    passed = filter_ahead(cached, second, names)
+    top = best_of(cached.prioritize(second, passed))
+    assert cached.model.assignment_of("second") is None, "nothing is held without assumeBest"
+    cached.filter(first, [top])
+    bind(cached, first, top)
+    planned = cached.score_cache.planned_hits
+    with pytest.raises(BindError, match="no longer fits"):  # the plan made before is stale: decided again
+        bind(cached, second, top)
+    assert cached.score_cache.planned_hits == planned
+
+
+def test_prioritize_holds_the_best_placement_until_bind_takes_it() -> None:
+    cached, _ = services()
+    model = cached.model
+    names = list(model.snapshot().names)
+    p, other = pod("p", random.Random(2)), pod("other", random.Random(3))
+    ask_gpus(p, 8)
+    ask_gpus(other, 8)
+    best = best_of(cached.prioritize(p, filter_ahead(cached, p, names)))
+    held = model.assignment_of("p")
+    assert held is not None and held.node == best and len(held.gpus) == 8
+    assert best not in cached.filter(other, names).passed, "the held GPUs are not offered to the next pod"
+    generation = model.snapshot().generation
+    assert bind(cached, p, best) == held
+    assert model.snapshot().generation == generation, "taking the held placement changes nothing"
+
+
+def test_a_bind_elsewhere_gives_the_held_placement_back() -> None:
+    cached, _ = services()
+    model = cached.model
+    names = list(model.snapshot().names)
+    p = pod("p", random.Random(2))
+    ask_gpus(p, 8)
+    scores = cached.prioritize(p, filter_ahead(cached, p, names))
+    best = best_of(scores)
+    elsewhere = next(name for name, score in scores if name != best)
+    assert bind(cached, p, elsewhere).node == elsewhere
+    free = model.snapshot().gpu_free[model.snapshot().index[best]]
+    assert (free[: len(model.snapshot().inventories[model.snapshot().index[best]].gpus)] == 1000).all()
+
+
+def test_a_retried_pod_is_not_charged_for_what_it_held() -> None:
+    cached, _ = services()
+    names = list(cached.model.snapshot().names)
+    p = pod("p", random.Random(2))
+    ask_gpus(p, 8)
+    first = cached.filter(p, names)
+    cached.prioritize(p, first.passed)
+    assert cached.model.assignment_of("p") is not None
+    again = cached.filter(p, names)  # the scheduler did not bind it and tries again
+    assert cached.model.assignment_of("p") is None
+    assert (again.passed, again.failed) == (first.passed, first.failed)
+
+
+def test_a_held_placement_the_scheduler_never_binds_expires() -> None:
+    now = [0.0]
+    policy = PlacementPolicy.model_validate({"reservations": {"assumedTtlSeconds": 5}})
+    model = ClusterModel(policy, clock=lambda: now[0])
+    model.replace_nodes(fleet())
+    model.mark_ready()
+    service = PlacementService(model, MemoryBinder(), confirm_on_bind=True)
+    p = pod("p", random.Random(2))
+    ask_gpus(p, 1)
+    service.prioritize(p, filter_ahead(service, p, list(model.snapshot().names)))
+    now[0] = 4.0
+    assert model.expire_reservations() == []
+    now[0] = 5.5
+    assert model.expire_reservations() == ["p"] and model.assignment_of("p") is None
 
 
 def test_policy_or_pod_change_invalidates() -> None:
@@ -150,8 +231,7 @@ def test_policy_or_pod_change_invalidates() -> None:
     names = list(cached.model.snapshot().names)
     p = pod("p", random.Random(7))
     ask_gpus(p, 1)
-    passed = cached.filter(p, names).passed
-    cached.prepare_prioritize(p, passed)
+    passed = filter_ahead(cached, p, names)
     cached.model.set_policy(PlacementPolicy.model_validate({"extenderScoring": {"mode": "linear"}}))
     misses = cached.score_cache.misses
     cached.prioritize(p, passed)
@@ -159,6 +239,7 @@ def test_policy_or_pod_change_invalidates() -> None:
     ask_gpus(p, 2)  # same UID
     cached.prioritize(p, passed)
     assert cached.score_cache.misses == misses + 2
+    passed = filter_ahead(cached, p, names)  # the next attempt for the pod: scored ahead again
     cached.prioritize(p, passed)
     assert cached.score_cache.misses == misses + 2
 
@@ -168,17 +249,17 @@ def test_other_names_are_computed_afresh() -> None:
     names = list(cached.model.snapshot().names)
     p = pod("p", random.Random(9))
     ask_gpus(p, 1)
-    passed = cached.filter(p, names).passed
-    cached.prepare_prioritize(p, passed)
+    passed = filter_ahead(cached, p, names)
     subset = passed[::2]
     misses = cached.score_cache.misses
-    assert cached.prioritize(p, subset) == fresh.prioritize(p, subset)
+    answer = cached.prioritize(p, subset)
     assert cached.score_cache.misses == misses + 1
+    assert answer == fresh.prioritize(p, subset)
 
 
 def test_a_single_passed_node_is_not_scored_ahead() -> None:
     cached, _ = services()
-    cached.prepare_prioritize(pod("p", random.Random(1)), ["t4-00"])  # kube-scheduler will not ask prioritize
+    filter_ahead(cached, pod("p", random.Random(1)), ["t4-00"])  # kube-scheduler will not ask prioritize
     assert cached.score_cache.misses == 0 and len(cached.score_cache) == 0
 
 
@@ -188,7 +269,9 @@ def test_the_cache_is_bounded() -> None:
     rng = random.Random(1)
     names = list(cached.model.snapshot().names)[:10]
     for i in range(20):
-        cached.prepare_prioritize(pod(f"p{i}", rng), names)
+        p = pod(f"p{i}", rng)
+        ask_gpus(p, 1)
+        filter_ahead(cached, p, names)
     assert len(cache) == 4
     assert cache.get("p19") is not None and cache.get("p0") is None
 
@@ -199,19 +282,20 @@ def test_changes_to_other_nodes_keep_the_answer_and_it_stays_exact() -> None:
     names = list(cached.model.snapshot().names)
     p = pod("p", rng)
     ask_gpus(p, 1)
-    passed = [n for n in cached.filter(p, names[:20]).passed]
-    cached.prepare_prioritize(p, passed)
+    passed = filter_ahead(cached, p, names[:20])
     elsewhere = pod("elsewhere", rng)
     ask_gpus(elsewhere, 1)
     outside = next(n for n in names[20:] if cached.filter(elsewhere, [n]).passed)
-    cached.bind("default", "elsewhere", "elsewhere", outside)  # a change, but not to a scored node
+    bind(cached, elsewhere, outside)  # a change, but not to a scored node
     hits = cached.score_cache.hits
     assert cached.prioritize(p, passed) == fresh.prioritize(p, passed)
     assert cached.score_cache.hits == hits + 1
+    cached.model.release_assumed("p")
     cached.model.set_utilization(cached.model.snapshot().gpu_util * 0.5)  # telemetry touches every node
     misses = cached.score_cache.misses
-    assert cached.prioritize(p, passed) == fresh.prioritize(p, passed)
+    answer = cached.prioritize(p, passed)
     assert cached.score_cache.misses == misses + 1
+    assert answer == fresh.prioritize(p, passed)
 
 
 def test_filter_verdicts_are_the_per_node_reading_of_the_evaluation() -> None:
@@ -240,3 +324,16 @@ def test_filter_verdicts_are_the_per_node_reading_of_the_evaluation() -> None:
             unresolvable,
             reasons,
         )
+
+
+def test_row_lookup_reuses_an_equal_list_until_the_node_set_changes() -> None:
+    model = ClusterModel(PlacementPolicy())
+    model.replace_nodes(fleet()[:5])
+    lookup = RowLookup()
+    names = ["t4-01", "ghost", "t4-00"]
+    rows, unknown = lookup.lookup(model.snapshot(), list(names))
+    assert rows.tolist() == [1, 0] and unknown == ["ghost"]
+    assert lookup.lookup(model.snapshot(), list(names))[0] is rows, "an equal list, parsed afresh, is not looked up"
+    model.replace_nodes([node("ghost", gpus=1), *fleet()[:5]])
+    rows, unknown = lookup.lookup(model.snapshot(), list(names))
+    assert rows.tolist() == [2, 0, 1] and unknown == []
