@@ -32,7 +32,6 @@ class Evaluation:
     mig_start: np.ndarray  # int [R], chosen MIG start slot (-1 where none)
     components: dict[str, np.ndarray]  # per-scorer value at the chosen column, for explanations
     borrowed: np.ndarray | None = None  # bool [R], the placement runs on borrowed idle capacity (overcommit)
-    lend: np.ndarray | None = None  # bool [R, G], GPUs lending idle capacity to the pod (overcommit)
 
     @property
     def feasible(self) -> np.ndarray:
@@ -51,7 +50,6 @@ class Evaluation:
             self.mig_start[at],
             {name: value[at] for name, value in self.components.items()},
             None if self.borrowed is None else self.borrowed[at],
-            None if self.lend is None else self.lend[at],
         )
 
     def best(self) -> int | None:
@@ -69,40 +67,15 @@ def evaluate(
     shapes: TypicalShapes,
     score: bool = True,
 ) -> Evaluation:
-    """Feasibility of `demand` on each row, and (with `score`) each feasible row's score and preferred place."""
     reasons = feasibility(snapshot, rows, demand)
-    n = len(rows)
-    lend, borrowed = _borrowing(snapshot, rows, demand, policy, reasons)
-    evaluation = Evaluation(
-        rows,
-        reasons,
-        scores=np.full(n, -np.inf),
-        choice=np.full(n, -1, dtype=np.int64),
-        mig_start=np.full(n, -1, dtype=np.int64),
-        components={},
-        borrowed=borrowed,
-        lend=lend,
-    )
-    return score_evaluation(snapshot, demand, evaluation, policy, shapes) if score else evaluation
-
-
-def score_evaluation(
-    snapshot: ClusterSnapshot,
-    demand: Demand,
-    evaluation: Evaluation,
-    policy: PlacementPolicy,
-    shapes: TypicalShapes,
-) -> Evaluation:
-    """Complete an unscored evaluation with scores, so that filter's feasibility serves prioritize too."""
-    rows, reasons, borrowed = evaluation.rows, evaluation.reasons, evaluation.borrowed
     n = len(rows)
     scores = np.full(n, -np.inf)
     choice = np.full(n, -1, dtype=np.int64)
     mig_start = np.full(n, -1, dtype=np.int64)
     components: dict[str, np.ndarray] = {}
-    on_borrowed = borrowed if borrowed is not None else np.zeros(n, dtype=bool)
-    ok = np.flatnonzero((reasons == Reason.FITS) & ~on_borrowed)
-    if len(ok):
+    lend, borrowed = _borrowing(snapshot, rows, demand, policy, reasons)
+    ok = np.flatnonzero((reasons == Reason.FITS) & ~borrowed)
+    if score and len(ok):
         candidates = Candidates(snapshot, rows[ok], demand, shapes)
         total = np.zeros(candidates.valid.shape)
         values: dict[str, np.ndarray] = {}
@@ -123,10 +96,9 @@ def score_evaluation(
             full = np.full(n, np.nan)
             full[ok] = np.broadcast_to(value, total.shape)[picked, best_col]
             components[name] = full
-    if on_borrowed.any():
-        assert evaluation.lend is not None
-        _score_borrowed(snapshot, rows, evaluation.lend, on_borrowed, policy, scores, choice, components)
-    return replace(evaluation, scores=scores, choice=choice, mig_start=mig_start, components=components)
+    if score and borrowed.any():
+        _score_borrowed(snapshot, rows, lend, borrowed, policy, scores, choice, components)
+    return Evaluation(rows, reasons, scores, choice, mig_start, components, borrowed)
 
 
 # GPU capacity rejections that measured idle capacity can cure.

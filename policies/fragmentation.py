@@ -33,6 +33,13 @@ class TypicalShapes:
     def size(self) -> int:
         return len(self.weight)
 
+    def same_as(self, other: TypicalShapes) -> bool:
+        """The same shapes with the same weights (whatever object holds them)."""
+        return self.allowed_models == other.allowed_models and all(
+            np.array_equal(getattr(self, name), getattr(other, name))
+            for name in ("cpu_milli", "gpu_count", "gpu_milli", "weight")
+        )
+
     def model_ok(self, snapshot: ClusterSnapshot) -> np.ndarray:
         """bool [M + 1, S]: whether nodes of each model (last row: no GPU) may host each shape."""
         cached = self._model_ok_cache.get(snapshot.models)

@@ -187,9 +187,12 @@ class ClusterModel:
                 self._publish()
 
     def refresh_shapes(self) -> None:
-        """Re-learn the typical pod shapes from the pods bound now (cheap; call every few seconds)."""
+        """Re-learn the typical pod shapes from the pods bound now (cheap; call every few seconds). Unchanged
+        shapes keep their object, so answers and evaluations that depend on them stay reusable."""
         with self._lock:
-            self._shapes = self._compute_shapes()
+            shapes = self._compute_shapes()
+            if not shapes.same_as(self._shapes):
+                self._shapes = shapes
 
     def expire_reservations(self) -> list[str]:
         with self._lock:

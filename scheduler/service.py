@@ -19,10 +19,11 @@ import numpy as np
 
 from policies.config import PlacementPolicy
 from policies.demand import Demand
-from policies.engine import Evaluation, assign, evaluate, extender_scores, place_on_node, score_evaluation
-from policies.feasibility import REASON_TEXT, Reason, is_resolvable
+from policies.engine import Evaluation, assign, evaluate, extender_scores, place_on_node
+from policies.feasibility import REASON_TEXT, Reason, is_resolvable, may_borrow
 from policies.fragmentation import TypicalShapes
 from policies.inventory import Assignment, NodeInventory
+from policies.reuse import EvaluationCache
 from policies.state import ClusterSnapshot, ClusterState, ConflictError
 from scheduler.annotations import assignment_annotations
 from scheduler.model import ClusterModel
@@ -204,6 +205,8 @@ class PlacementService:
         self._demand_cache_size = demand_cache_size
         self.score_cache = ScoreCache()
         self._rows = RowLookup()
+        self.evaluations = EvaluationCache()
+        self._reuse_basis: tuple[object, ...] = (None, None, None)
 
     # -- read-only verbs ---------------------------------------------------------------------------------
     def demand(self, pod: Mapping[str, Any]) -> Demand:
@@ -216,11 +219,11 @@ class PlacementService:
             self._demands.popitem(last=False)
         return demand
 
-    def _evaluate(self, pod: Mapping[str, Any], names: list[str], score: bool) -> _Decision:
+    def _evaluate(self, pod: Mapping[str, Any], names: list[str], reuse: bool = True) -> _Decision:
         """One snapshot for the whole call: the names, rows and verdicts must all come from the same view."""
         self._check_ready()
         demand = self.demand(pod)
-        return self._fresh(demand, self.model.snapshot(), self.model.policy, self.model.shapes(), names, score)
+        return self._fresh(demand, self.model.snapshot(), self.model.policy, self.model.shapes(), names, reuse)
 
     def _check_ready(self) -> None:
         if not self.model.ready:
@@ -233,16 +236,35 @@ class PlacementService:
         policy: PlacementPolicy,
         shapes: TypicalShapes,
         names: list[str],
-        score: bool,
+        reuse: bool = True,
     ) -> _Decision:
+        """The scored evaluation of `names`; with `reuse`, rows unchanged since this demand last met them are
+        not evaluated again (their per-scorer components are then left out)."""
         rows, unknown = self._rows.lookup(snapshot, names)
-        evaluation = evaluate(snapshot, demand, rows, policy, shapes, score=score)
+        if reuse and not may_borrow(demand, policy.overcommit):
+            evaluation = self._reusable(snapshot, policy, shapes).evaluate(
+                demand,
+                rows,
+                snapshot.row_version,
+                snapshot.generation,
+                lambda redo: evaluate(snapshot, demand, redo, policy, shapes),
+            )
+        else:
+            evaluation = evaluate(snapshot, demand, rows, policy, shapes)
         known = names if not unknown else [snapshot.names[r] for r in rows.tolist()]
         return _Decision(snapshot, policy, shapes, demand, evaluation, names, known, unknown)
 
+    def _reusable(self, snapshot: ClusterSnapshot, policy: PlacementPolicy, shapes: TypicalShapes) -> EvaluationCache:
+        """The per-row results for this node set, policy and typical shapes (started afresh when one changes)."""
+        basis = (snapshot.index, policy, shapes)
+        if not all(a is b for a, b in zip(basis, self._reuse_basis, strict=True)):
+            self.evaluations.reset(snapshot.size)
+            self._reuse_basis = basis
+        return self.evaluations
+
     def filter(self, pod: Mapping[str, Any], names: list[str]) -> FilterOutcome:
         self.model.release_assumed(pod_uid(pod))  # a retried pod: what it held must not count against it
-        decision = self._evaluate(pod, names, score=False)
+        decision = self._evaluate(pod, names)
         outcome = _outcome(decision)
         if outcome.reasons:
             meta = pod.get("metadata") or {}
@@ -253,9 +275,9 @@ class PlacementService:
         return outcome
 
     def prepare_prioritize(self, pod: Mapping[str, Any], outcome: FilterOutcome) -> None:
-        """Score filter's passed nodes before prioritize asks for them. kube-scheduler calls prioritize next with
-        exactly those names (not at all for a single one); scored from filter's own evaluation, feasibility is
-        not computed twice, and the work overlaps the scheduler's between the two calls."""
+        """Turn filter's evaluation into prioritize's answer before it is asked. kube-scheduler calls prioritize
+        next with exactly the names filter let through (not at all for a single one); done right after filter's
+        answer is sent, the work overlaps the scheduler's between the two calls."""
         if outcome.decision is not None and len(outcome.passed) > 1:
             self._score(pod_uid(pod), outcome.decision.feasible_part(outcome.passed))
 
@@ -272,16 +294,14 @@ class PlacementService:
             self.score_cache.hits += 1
         else:
             self.score_cache.misses += 1
-            entry = self._score(uid, self._fresh(demand, snapshot, policy, shapes, names, score=False))
+            entry = self._score(uid, self._fresh(demand, snapshot, policy, shapes, names))
         if entry.planned is not None and policy.extender_scoring.assume_best:
             self.model.assume(uid, entry.planned)
         return list(entry.answer)
 
     def _score(self, uid: str, decision: _Decision) -> _Cached:
         """Prioritize's answer for a decision, and the placement on its best node; remembered for the pod."""
-        evaluation = score_evaluation(
-            decision.snapshot, decision.demand, decision.evaluation, decision.policy, decision.shapes
-        )
+        evaluation = decision.evaluation
         scores = extender_scores(evaluation, decision.policy.extender_scoring.mode)
         answer = (*zip(decision.known, scores.tolist(), strict=True), *((name, 0) for name in decision.unknown))
         rows = evaluation.rows if not decision.unknown else np.empty(0, dtype=np.int64)
@@ -304,7 +324,7 @@ class PlacementService:
     def explain(self, pod: Mapping[str, Any], names: list[str] | None = None) -> list[dict[str, Any]]:
         """Why each node would or would not take the pod: reason, raw score, each scorer's part, placement."""
         names = list(self.model.snapshot().names) if names is None else names
-        decision = self._evaluate(pod, names, score=True)
+        decision = self._evaluate(pod, names, reuse=False)  # with every scorer's part
         evaluation = decision.evaluation
         scores = extender_scores(evaluation, self.model.policy.extender_scoring.mode)
         out: list[dict[str, Any]] = []
