@@ -31,6 +31,7 @@ import kubernetes.client
 
 from e2e import fleet, helpers, stack
 from e2e.controlplane import ControlPlane
+from e2e.cpu import CpuSampler
 from e2e.helpers import Extender, PodWatch
 from policies.inventory import Assignment
 from scheduler.annotations import assignment_annotations
@@ -52,6 +53,8 @@ class Measurement:
     seconds_by_conditions: float
     verb_ms: dict[str, float] | None = None
     """The extender's mean time per call during the measurement, by verb."""
+    cpu_ms: dict[str, float] | None = None
+    """CPU milliseconds per pod of each process (the machine's cores are shared by all of them)."""
 
     @property
     def rate(self) -> float:
@@ -135,11 +138,17 @@ def measure(
     with PodWatch(api, namespace) as watch:
         watch.wait(lambda now: len(now) == pods, "every pod listed", 60)
         scheduler = plane.start_scheduler(config, name=f"bench-{variant}")
+        pids = {c.name: c.pid for c in plane.components if c.name in ("etcd", "kube-apiserver")}
+        if variant == OURS:
+            assert extender.component is not None
+            pids["extender"] = extender.component.pid
         try:
-            watch.bound(names, timeout_s=max(120.0, pods / 5))
+            with CpuSampler({"kube-scheduler": scheduler.pid, **pids}) as cpu:
+                watch.bound(names, timeout_s=max(120.0, pods / 5))
         finally:
             plane.stop_scheduler(scheduler)
         times = sorted(watch.first_bound_at[n] for n in names)
+        cpu_ms = {k: 1000 * v / (pods - 1) for k, v in cpu.used(times[0], times[-1]).items()}
         conditions = []
         for pod in watch.snapshot().values():
             condition = helpers.scheduled_condition(pod)
@@ -150,7 +159,7 @@ def measure(
     # The extender counts the stock scheduler's pods too: start the next measurement from an empty fleet.
     wait_extender_sees(extender, nodes, 0.0)
     by_conditions = max(conditions) - min(conditions) if len(conditions) == pods else float("nan")
-    return Measurement(nodes, variant, pods, times[-1] - times[0], by_conditions, verb_ms)
+    return Measurement(nodes, variant, pods, times[-1] - times[0], by_conditions, verb_ms, cpu_ms)
 
 
 def _verb_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -162,6 +171,21 @@ def _verb_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, flo
     )
     if hits + misses:
         out["ahead %"] = 100 * hits / (hits + misses)
+    computed, reused = (
+        after.get(f'gpu_extender_node_evaluations_total{{outcome="{k}"}}', 0.0)
+        - before.get(f'gpu_extender_node_evaluations_total{{outcome="{k}"}}', 0.0)
+        for k in ("computed", "reused")
+    )
+    if computed + reused:
+        out["reused %"] = 100 * reused / (computed + reused)
+    failed = sum(
+        after.get(f'gpu_extender_decisions_total{{verb="{verb}",outcome="{outcome}"}}', 0.0)
+        - before.get(f'gpu_extender_decisions_total{{verb="{verb}",outcome="{outcome}"}}', 0.0)
+        for verb in ("filter", "prioritize", "bind")
+        for outcome in ("error", "not_ready")
+    )
+    if failed:
+        out["failed calls"] = failed
     for verb in ("filter", "prioritize", "bind"):
         key = f'gpu_extender_request_duration_seconds_{{}}{{{{verb="{verb}"}}}}'
         calls = after.get(key.format("count"), 0.0) - before.get(key.format("count"), 0.0)
@@ -245,11 +269,13 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     results.append(m)
                     detail = ", ".join(
-                        f"{v} {ms:.1f}" + ("" if v.endswith("%") else " ms") for v, ms in (m.verb_ms or {}).items()
+                        f"{v} {ms:.1f}" + ("" if v.endswith(("%", "calls")) else " ms")
+                        for v, ms in (m.verb_ms or {}).items()
                     )
+                    cpu = ", ".join(f"{k} {v:.1f}" for k, v in (m.cpu_ms or {}).items())
                     log(
                         f"{size} nodes, {variant}: {m.rate:.1f} pods/s "
-                        f"({m.rate_by_conditions:.1f} by conditions) {detail}"
+                        f"({m.rate_by_conditions:.1f} by conditions) {detail}; CPU ms per pod: {cpu}"
                     )
         print_throughput(results, sizes)
 
@@ -301,6 +327,15 @@ def print_throughput(results: list[Measurement], sizes: list[int]) -> None:
         ratio = rates[OURS] / rates[STOCK]
         verdict = "ok" if ratio >= TARGET_RATIO else "BELOW TARGET"
         print(f"{size:>6} {'b/a':<10} {'':>6} {ratio:>8.2f}   (target >= {TARGET_RATIO}: {verdict})")
+    print("\nCPU milliseconds per pod between first and last binding (medians; all processes share the cores)")
+    names = ("kube-scheduler", "kube-apiserver", "etcd", "extender")
+    print(f"{'nodes':>6} {'profile':<10} " + " ".join(f"{n:>15}" for n in names) + f" {'total':>8}")
+    for size in sizes:
+        for variant in (STOCK, OURS):
+            ms = [m.cpu_ms or {} for m in results if m.nodes == size and m.variant == variant]
+            per = {n: statistics.median(m.get(n, 0.0) for m in ms) for n in names}
+            cells = " ".join(f"{per[n]:>15.2f}" if n in ms[0] else f"{'-':>15}" for n in names)
+            print(f"{size:>6} {variant:<10} {cells} {sum(per.values()):>8.2f}")
 
 
 if __name__ == "__main__":

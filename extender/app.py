@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.types import Receive, Scope, Send
 
-from extender.metrics import ExtenderMetrics, ScoreCacheCollector
+from extender.metrics import ExtenderMetrics, ReuseCollector
 from extender.wire import (
     ExtenderArgs,
     ExtenderBindingArgs,
@@ -119,7 +119,7 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderA
     app = FastAPI(title="kube-gpu-extender", docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.metrics = metrics
-    metrics.registry.register(ScoreCacheCollector(service.score_cache))
+    metrics.registry.register(ReuseCollector(service.score_cache, service.evaluations))
 
     @app.exception_handler(BadRequest)
     async def _bad_request(_: Request, exc: BadRequest) -> JSONResponse:

@@ -69,23 +69,38 @@ def _measured_load(snapshot: ClusterSnapshot) -> Iterator[GaugeMetricFamily]:
     )
 
 
-class ScoreCacheCollector(Collector):
-    """How often prioritize found its answer computed ahead (after filter) still valid."""
+class ReuseCollector(Collector):
+    """How much work the hot path found done ahead: prioritize answers computed right after filter and still
+    valid, binds that took the placement held since prioritize, and node evaluations kept from earlier pods."""
 
-    def __init__(self, cache: object) -> None:
-        self._cache = cache
+    def __init__(self, scores: object, evaluations: object) -> None:
+        self._scores = scores
+        self._evaluations = evaluations
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         for name in ("hits", "misses"):
             yield CounterMetricFamily(
                 f"gpu_extender_score_cache_{name}",
                 f"Prioritize answers {name} in the scores computed ahead",
-                getattr(self._cache, name),
+                getattr(self._scores, name),
             )
         yield CounterMetricFamily(
             "gpu_extender_score_cache_planned_binds",
             "Binds that took the placement planned while scoring instead of deciding again",
-            self._cache.planned_hits,
+            self._scores.planned_hits,
+        )
+        rows = CounterMetricFamily(
+            "gpu_extender_node_evaluations",
+            "Node evaluations for filter, by whether they were computed or reused",
+            labels=["outcome"],
+        )
+        rows.add_metric(["computed"], self._evaluations.rows_evaluated)
+        rows.add_metric(["reused"], self._evaluations.rows_reused)
+        yield rows
+        yield CounterMetricFamily(
+            "gpu_extender_node_evaluation_resets",
+            "Times the kept node evaluations were dropped (node set, policy or typical shapes changed)",
+            self._evaluations.resets,
         )
 
 

@@ -58,11 +58,13 @@ class EvaluationCache:
         self._lock = threading.Lock()  # uncontended: one event loop, or one simulation, per cache
         self.rows_evaluated = 0
         self.rows_reused = 0
+        self.resets = 0
 
     def reset(self, rows: int) -> None:
         with self._lock:
             self._entries.clear()
             self._rows = rows
+            self.resets += 1
 
     def evaluate(
         self,
