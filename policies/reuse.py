@@ -4,7 +4,8 @@ A row's feasibility, score and preferred GPU depend on that node's state, the po
 typical shapes, nothing else. Replicas of one deployment ask the same question pod after pod while each binding
 changes one node: keeping each demand's per-row results, stamped with the generation they were computed at, and
 recomputing only rows whose version is newer gives the same evaluation as computing every row, for a fraction of
-the work. The simulator and the extender's filter both read through it.
+the work. Feasibility and scores are stamped apart: filter asks only whether rows fit, and only the rows that fit
+are scored, for prioritize.
 
 Scorers that compare rows with one another cannot be reused this way; callers evaluate those directly (the
 borrowed-capacity ranking of `overcommit` is one).
@@ -33,7 +34,8 @@ class _PerRow:
     scores: np.ndarray
     choice: np.ndarray
     mig_start: np.ndarray
-    stamp: np.ndarray  # generation each row was evaluated at, NEVER before the first time
+    stamp: np.ndarray  # generation each row's feasibility was evaluated at, NEVER before the first time
+    scored: np.ndarray  # generation each row's score and placement were computed at
 
     @classmethod
     def empty(cls, n: int) -> _PerRow:
@@ -43,6 +45,7 @@ class _PerRow:
             choice=np.full(n, -1, dtype=np.int64),
             mig_start=np.full(n, -1, dtype=np.int64),
             stamp=np.full(n, NEVER, dtype=np.int64),
+            scored=np.full(n, NEVER, dtype=np.int64),
         )
 
 
@@ -72,11 +75,13 @@ class EvaluationCache:
         rows: np.ndarray,
         row_version: np.ndarray,
         generation: int,
-        compute: Callable[[np.ndarray], Evaluation],
+        compute: Callable[[np.ndarray, bool], Evaluation],
+        score: bool = True,
     ) -> Evaluation:
-        """The evaluation of `rows` (unscored components omitted). `row_version`/`generation` are those of the state
-        `compute` evaluates; a row is reused when it has not changed since it was evaluated and was not evaluated
-        on a newer state than this one."""
+        """The evaluation of `rows` (per-scorer components omitted; without `score`, feasibility only).
+
+        `compute(rows, score)` evaluates rows of the state whose `row_version`/`generation` are given. A result is
+        reused when its row has not changed since and was not evaluated on a newer state than this one."""
         with self._lock:
             entry = self._entries.get(demand)
             if entry is None:
@@ -85,18 +90,31 @@ class EvaluationCache:
                     self._entries.popitem(last=False)
             else:
                 self._entries.move_to_end(demand)
-            stamp = entry.stamp[rows]
-            stale = (row_version[rows] > stamp) | (stamp > generation)
+            version = row_version[rows]
+            stale = _stale(entry.stamp[rows], version, generation)
+            if score:
+                stale |= _stale(entry.scored[rows], version, generation)
             if stale.any():
                 redo = np.unique(rows[stale])
-                fresh = compute(redo)
+                fresh = compute(redo, score)
                 entry.reasons[redo] = fresh.reasons
-                entry.scores[redo] = fresh.scores
-                entry.choice[redo] = fresh.choice
-                entry.mig_start[redo] = fresh.mig_start
                 entry.stamp[redo] = generation
+                if score:
+                    entry.scores[redo] = fresh.scores
+                    entry.choice[redo] = fresh.choice
+                    entry.mig_start[redo] = fresh.mig_start
+                    entry.scored[redo] = generation
                 self.rows_evaluated += len(redo)
             self.rows_reused += len(rows) - int(stale.sum())
+            if not score:
+                n = len(rows)
+                unscored = np.full(n, -np.inf), np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+                return Evaluation(rows, entry.reasons[rows], *unscored, {})
             return Evaluation(
                 rows, entry.reasons[rows], entry.scores[rows], entry.choice[rows], entry.mig_start[rows], {}
             )
+
+
+def _stale(stamp: np.ndarray, version: np.ndarray, generation: int) -> np.ndarray:
+    """Rows changed since they were evaluated, or evaluated on a newer state than the one asked about."""
+    return (version > stamp) | (stamp > generation)

@@ -61,6 +61,7 @@ class _Decision:
     names: list[str]  # as requested
     known: list[str]  # the requested names the snapshot knows, in request order (= evaluation.rows)
     unknown: list[str]
+    scored: bool = True
 
     def feasible_part(self, passed: list[str]) -> _Decision:
         """The same decision over the names it found feasible (`passed`, in order): what prioritize is asked next."""
@@ -219,11 +220,11 @@ class PlacementService:
             self._demands.popitem(last=False)
         return demand
 
-    def _evaluate(self, pod: Mapping[str, Any], names: list[str], reuse: bool = True) -> _Decision:
+    def _evaluate(self, pod: Mapping[str, Any], names: list[str], score: bool = True, reuse: bool = True) -> _Decision:
         """One snapshot for the whole call: the names, rows and verdicts must all come from the same view."""
         self._check_ready()
         demand = self.demand(pod)
-        return self._fresh(demand, self.model.snapshot(), self.model.policy, self.model.shapes(), names, reuse)
+        return self._fresh(demand, self.model.snapshot(), self.model.policy, self.model.shapes(), names, score, reuse)
 
     def _check_ready(self) -> None:
         if not self.model.ready:
@@ -236,23 +237,36 @@ class PlacementService:
         policy: PlacementPolicy,
         shapes: TypicalShapes,
         names: list[str],
+        score: bool = True,
         reuse: bool = True,
     ) -> _Decision:
-        """The scored evaluation of `names`; with `reuse`, rows unchanged since this demand last met them are
-        not evaluated again (their per-scorer components are then left out)."""
+        """The evaluation of `names`; with `reuse`, rows unchanged since this demand last met them are not
+        evaluated again (their per-scorer components are then left out)."""
         rows, unknown = self._rows.lookup(snapshot, names)
-        if reuse and not may_borrow(demand, policy.overcommit):
-            evaluation = self._reusable(snapshot, policy, shapes).evaluate(
-                demand,
-                rows,
-                snapshot.row_version,
-                snapshot.generation,
-                lambda redo: evaluate(snapshot, demand, redo, policy, shapes),
-            )
-        else:
-            evaluation = evaluate(snapshot, demand, rows, policy, shapes)
+        evaluation = self._evaluation(snapshot, policy, shapes, demand, rows, score, reuse)
         known = names if not unknown else [snapshot.names[r] for r in rows.tolist()]
-        return _Decision(snapshot, policy, shapes, demand, evaluation, names, known, unknown)
+        return _Decision(snapshot, policy, shapes, demand, evaluation, names, known, unknown, score)
+
+    def _evaluation(
+        self,
+        snapshot: ClusterSnapshot,
+        policy: PlacementPolicy,
+        shapes: TypicalShapes,
+        demand: Demand,
+        rows: np.ndarray,
+        score: bool,
+        reuse: bool = True,
+    ) -> Evaluation:
+        if not reuse or may_borrow(demand, policy.overcommit):  # borrowed placements are ranked against each other
+            return evaluate(snapshot, demand, rows, policy, shapes, score=score)
+        return self._reusable(snapshot, policy, shapes).evaluate(
+            demand,
+            rows,
+            snapshot.row_version,
+            snapshot.generation,
+            lambda redo, scored: evaluate(snapshot, demand, redo, policy, shapes, score=scored),
+            score,
+        )
 
     def _reusable(self, snapshot: ClusterSnapshot, policy: PlacementPolicy, shapes: TypicalShapes) -> EvaluationCache:
         """The per-row results for this node set, policy and typical shapes (started afresh when one changes)."""
@@ -264,7 +278,7 @@ class PlacementService:
 
     def filter(self, pod: Mapping[str, Any], names: list[str]) -> FilterOutcome:
         self.model.release_assumed(pod_uid(pod))  # a retried pod: what it held must not count against it
-        decision = self._evaluate(pod, names)
+        decision = self._evaluate(pod, names, score=False)
         outcome = _outcome(decision)
         if outcome.reasons:
             meta = pod.get("metadata") or {}
@@ -302,6 +316,10 @@ class PlacementService:
     def _score(self, uid: str, decision: _Decision) -> _Cached:
         """Prioritize's answer for a decision, and the placement on its best node; remembered for the pod."""
         evaluation = decision.evaluation
+        if not decision.scored:
+            evaluation = self._evaluation(
+                decision.snapshot, decision.policy, decision.shapes, decision.demand, evaluation.rows, score=True
+            )
         scores = extender_scores(evaluation, decision.policy.extender_scoring.mode)
         answer = (*zip(decision.known, scores.tolist(), strict=True), *((name, 0) for name in decision.unknown))
         rows = evaluation.rows if not decision.unknown else np.empty(0, dtype=np.int64)

@@ -1,5 +1,5 @@
 """Evaluations read through the per-row cache equal evaluating every requested row afresh, whatever changed in
-between, for every demand kind; rows are evaluated again only when they changed."""
+between, for every demand kind, scored or feasibility only; rows are evaluated again only when they changed."""
 
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ DEMANDS = [
 def evaluator(view, demand: Demand, policy: PlacementPolicy, shapes, asked: list | None = None):  # type: ignore[no-untyped-def]
     """What the cache calls for rows it must evaluate again; records them in `asked`."""
 
-    def run(redo: np.ndarray):  # type: ignore[no-untyped-def]
+    def run(redo: np.ndarray, score: bool):  # type: ignore[no-untyped-def]
         if asked is not None:
             asked.append(redo)
-        return evaluate(view, demand, redo, policy, shapes)
+        return evaluate(view, demand, redo, policy, shapes, score=score)
 
     return run
 
@@ -51,15 +51,16 @@ def test_reused_rows_equal_a_full_evaluation_through_binds_and_releases() -> Non
         view = state.view()
         demand = rng.choice(DEMANDS)
         rows = np.array(rng.choices(range(len(nodes)), k=rng.randint(1, 60)), dtype=np.int64)  # repeats allowed
+        score = rng.random() < 0.6  # filter asks feasibility only, prioritize scores
         reused = cache.evaluate(
-            demand, rows, state.row_version, state.generation, evaluator(view, demand, policy, shapes)
+            demand, rows, state.row_version, state.generation, evaluator(view, demand, policy, shapes), score
         )
-        full = evaluate(view, demand, rows, policy, shapes)
+        full = evaluate(view, demand, rows, policy, shapes, score=score)
         for name in ("rows", "reasons", "scores", "choice", "mig_start"):
             assert np.array_equal(getattr(reused, name), getattr(full, name)), (step, name)
         if placed and rng.random() < 0.3:
             state.release(placed.pop(rng.randrange(len(placed))))
-        elif (best := full.best()) is not None:
+        elif score and (best := full.best()) is not None:
             assignment, _ = place_on_node(view, demand, nodes[int(rows[best])].name, policy, shapes)
             assert assignment is not None
             state.apply(f"p{step}", assignment)

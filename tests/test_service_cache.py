@@ -306,7 +306,7 @@ def test_filter_verdicts_are_the_per_node_reading_of_the_evaluation() -> None:
         p = pod(f"v{i}", rng)
         asked = [*rng.sample(names, 25), "ghost", names[0], names[0]]
         outcome = cached.filter(p, asked)
-        decision = cached._evaluate(p, asked, reuse=False)
+        decision = cached._evaluate(p, asked, score=False, reuse=False)
         passed, failed, unresolvable, reasons = [], {}, {}, Counter()
         for name, code in zip(decision.known, decision.evaluation.reasons.tolist(), strict=True):
             if code == Reason.FITS:
