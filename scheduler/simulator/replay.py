@@ -5,7 +5,8 @@ Every decision goes through the decision core the extender serves: `policies.fea
 the concrete GPUs and `ClusterState.apply`, which refuses any over-booking.
 
 A row's evaluation depends on that node's state only, so results are kept per distinct demand and only the nodes
-that changed since (one per placed pod) are evaluated again; the decision is the same as evaluating every node.
+that changed since (one per placed pod) are evaluated again (`policies.reuse`, as the extender's filter does); the
+decision is the same as evaluating every node.
 
 Two ways to turn scores into a node:
 - `sim`: the policy's own choice (best score, ties to the earliest node of the run's fixed order), as the
@@ -30,6 +31,7 @@ from policies.engine import MAX_EXTENDER_SCORE, Evaluation, extender_scores
 from policies.feasibility import Reason
 from policies.fragmentation import TypicalShapes, node_fragmentation
 from policies.inventory import NodeInventory
+from policies.reuse import EvaluationCache
 from policies.state import ClusterState
 
 MAX_NODE_SCORE = 100
@@ -70,15 +72,6 @@ class RunResult:
     frag_milli: np.ndarray  # float [P], cluster fragmentation after the pod (NaN where not measured)
     elapsed_s: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class _Cached:
-    reasons: np.ndarray
-    scores: np.ndarray
-    choice: np.ndarray
-    mig_start: np.ndarray
-    stamp: int = -1
 
 
 def num_feasible_nodes_to_find(percentage: int, nodes: int) -> int:
@@ -148,33 +141,23 @@ class Replay:
         self.verify = verify
         self.n = self.snapshot.size
         self.all_rows = np.arange(self.n, dtype=np.int64)
-        self._cache: dict[Demand, _Cached] = {}
+        # Every distinct demand of a pod list is kept (a few hundred at most).
+        self._evaluations = EvaluationCache(size=4096)
+        self._evaluations.reset(self.n)
         self._next_start = 0
         self.capacity_milli = self.snapshot.gpu_capacity_milli()
 
     # -- evaluation with per-node reuse ---------------------------------------------------------------------
     def evaluation(self, demand: Demand) -> Evaluation:
         """The policy's evaluation of every node for `demand`, re-evaluating only nodes changed since last time."""
-        cached = self._cache.get(demand)
-        if cached is None:
-            cached = _Cached(
-                reasons=np.zeros(self.n, dtype=np.uint8),
-                scores=np.full(self.n, -np.inf),
-                choice=np.full(self.n, -1, dtype=np.int64),
-                mig_start=np.full(self.n, -1, dtype=np.int64),
-            )
-            self._cache[demand] = cached
-            stale = self.all_rows
-        else:
-            stale = np.flatnonzero(self.state.row_version > cached.stamp)  # nodes changed since
-        if len(stale):
-            fresh = self.policy.evaluate(self.snapshot, demand, stale)
-            cached.reasons[stale] = fresh.reasons
-            cached.scores[stale] = fresh.scores
-            cached.choice[stale] = fresh.choice
-            cached.mig_start[stale] = fresh.mig_start
-        cached.stamp = self.state.generation
-        evaluation = Evaluation(self.all_rows, cached.reasons, cached.scores, cached.choice, cached.mig_start, {})
+        snapshot = self.snapshot
+        evaluation = self._evaluations.evaluate(
+            demand,
+            self.all_rows,
+            self.state.row_version,
+            self.state.generation,
+            lambda redo, _score: self.policy.evaluate(snapshot, demand, redo),
+        )
         if self.verify:
             full = self.policy.evaluate(self.snapshot, demand, self.all_rows)
             assert np.array_equal(full.reasons, evaluation.reasons), "cached feasibility differs"
