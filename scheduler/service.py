@@ -1,8 +1,9 @@
 """The scheduler's verbs over the cluster model: filter, prioritize, bind, preempt and explain.
 
 This is where a pod and a list of node names meet the decision core; the HTTP layer only translates the wire
-format. Filter and prioritize read one immutable snapshot and do no I/O. Bind reserves capacity in the model
-before it talks to the API server, and gives it back if the binding fails.
+format. Filter and prioritize read one immutable snapshot and do no I/O. Prioritize holds the placement it
+recommends until bind asks for it; bind holds capacity in the model before it talks to the API server, and gives
+it back if the binding fails.
 """
 
 from __future__ import annotations
