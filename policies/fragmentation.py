@@ -57,7 +57,11 @@ def typical_shapes(demands: Iterable[Demand], coverage: float = 0.95) -> Typical
 
     CPU-only shapes are included: they consume the CPU that GPU pods need, which strands GPUs too.
     """
-    counts = Counter(d.shape for d in demands)
+    return typical_shapes_of(Counter(d.shape for d in demands), coverage)
+
+
+def typical_shapes_of(counts: Counter[tuple], coverage: float = 0.95) -> TypicalShapes:
+    """`typical_shapes` from pod counts per shape (`Demand.shape`), for a caller that keeps them up to date."""
     if not counts:
         raise ValueError("typical shapes need at least one pod")
     total = sum(counts.values())

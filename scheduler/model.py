@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from policies.config import PlacementPolicy
 from policies.demand import Demand, DemandKind
 from policies.engine import place_on_node
-from policies.fragmentation import TypicalShapes, typical_shapes
+from policies.fragmentation import TypicalShapes, typical_shapes_of
 from policies.inventory import Assignment, NodeInventory
 from policies.state import ClusterSnapshot, ClusterState, ConflictError
 
@@ -40,6 +41,7 @@ class ClusterModel:
         self._policy = policy
         self._reservations: dict[str, Reservation] = {}
         self._observed: dict[str, Demand] = {}  # bound pods' demands, for the typical-shape mix
+        self._observed_shapes: Counter[tuple] = Counter()  # their shapes, kept as pods come and go
         self._guessed: dict[str, Demand] = {}  # pods bound without our record, whose GPUs we chose ourselves
         self._ready = False
         self._shapes = self._compute_shapes()
@@ -208,7 +210,7 @@ class ClusterModel:
     def _forget(self, key: str) -> bool:
         """Drop every trace of a pod; True if it held resources."""
         self._reservations.pop(key, None)
-        self._observed.pop(key, None)
+        self._observe(key, None)
         self._guessed.pop(key, None)
         return self._state.release(key) is not None
 
@@ -219,7 +221,7 @@ class ClusterModel:
 
     def _apply_bound(self, key: str, assignment: Assignment, demand: Demand) -> bool:
         self._reservations.pop(key, None)
-        self._observed[key] = demand
+        self._observe(key, demand)
         current = self._state.assignments.get(key)
         if current == assignment:
             return True
@@ -275,15 +277,28 @@ class ClusterModel:
             self._state.release(key)
         return expired
 
+    def _observe(self, key: str, demand: Demand | None) -> None:
+        """Record (or with None, forget) a bound pod's demand for the typical-shape mix."""
+        previous = self._observed.pop(key, None)
+        if previous is not None:
+            shape = previous.shape
+            self._observed_shapes[shape] -= 1
+            if not self._observed_shapes[shape]:
+                del self._observed_shapes[shape]
+        if demand is not None:
+            self._observed[key] = demand
+            self._observed_shapes[demand.shape] += 1
+
     def _compute_shapes(self) -> TypicalShapes:
+        """The learnt mix once enough pods are bound, else the policy's default. Costs the number of distinct
+        shapes, not of pods: it runs every few seconds under the lock, with tens of thousands of pods bound."""
         spec = self._policy.typical_shapes
-        observed = [d for d in self._observed.values()]
-        if spec.learn_from_cluster and len(observed) >= spec.min_observed_pods:
-            return typical_shapes(observed, spec.coverage)
-        weighted = []
+        if spec.learn_from_cluster and len(self._observed) >= spec.min_observed_pods:
+            return typical_shapes_of(self._observed_shapes, spec.coverage)
+        weighted: Counter[tuple] = Counter()
         for shape in spec.default:
-            weighted.extend([shape.demand()] * max(1, round(shape.weight * 1000)))
-        return typical_shapes(weighted, coverage=1.0)
+            weighted[shape.demand().shape] += max(1, round(shape.weight * 1000))
+        return typical_shapes_of(weighted, coverage=1.0)
 
     def _publish(self) -> None:
         """Swap in a new snapshot if the state changed (every change bumps its generation)."""

@@ -6,6 +6,7 @@ import pytest
 
 from policies.config import PlacementPolicy
 from policies.demand import Demand
+from policies.fragmentation import typical_shapes
 from policies.inventory import Assignment
 from scheduler.model import ClusterModel, ConflictError
 from tests.helpers import node
@@ -81,3 +82,25 @@ def test_a_recorded_assignment_displaces_a_guess(model: ClusterModel) -> None:
     assert model.pod_bound("ours", Assignment("a", gpus=guessed, milli=1000), WHOLE)
     assert model.assignment_of("ours").gpus == guessed
     assert model.assignment_of("foreign").gpus not in ((), guessed)  # moved to the other GPU
+
+
+def test_learnt_shapes_follow_pods_coming_and_going() -> None:
+    policy = PlacementPolicy.model_validate({"typicalShapes": {"minObservedPods": 3, "coverage": 1.0}})
+    model = ClusterModel(policy)
+    model.replace_nodes([node("a", gpus=8, cpu=64_000)])
+    share = Demand(cpu_milli=500, gpu_count=1, gpu_milli=500)
+    pods = {"w1": WHOLE, "w2": WHOLE, "s1": share, "s2": share, "s3": share}
+    for i, (key, demand) in enumerate(pods.items()):
+        milli = demand.gpu_milli
+        model.pod_bound(key, Assignment("a", demand.cpu_milli, 0, (i,), milli), demand)
+    model.refresh_shapes()
+    learnt = model.shapes()
+    assert learnt.same_as(typical_shapes(list(pods.values()), coverage=1.0))
+    assert sorted(learnt.weight.tolist()) == [0.4, 0.6]
+    model.pod_gone("s1")
+    model.pod_gone("s2")
+    model.refresh_shapes()
+    assert model.shapes().same_as(typical_shapes([WHOLE, WHOLE, share], coverage=1.0))
+    model.pod_gone("s3")  # fewer pods than minObservedPods: the policy's default mix again
+    model.refresh_shapes()
+    assert model.shapes().same_as(ClusterModel(policy).shapes())
