@@ -76,6 +76,18 @@ class ClusterSnapshot:
 
 MIG_TABLE_NAMES: tuple[str, ...] = tuple(MIG_TABLES)
 
+# The columns `apply`/`release` edit in place: a snapshot needs its own copy of these.
+_CHANGED_IN_PLACE = (
+    "cpu_free",
+    "mem_free",
+    "gpu_free",
+    "gpu_mem_free",
+    "gpu_borrowed",
+    "gpu_guarded",
+    "mig_occupied",
+    "row_version",
+)
+
 
 class ClusterState:
     """Mutable columns plus the assignments that produced them. Not thread-safe: one writer owns it."""
@@ -122,6 +134,10 @@ class ClusterState:
         self.gpu_free = np.where(self.gpu_present, MILLI_PER_GPU, 0).astype(np.int32)
         self.gpu_mem_free = np.where(self.gpu_present, self.gpu_mem_total, 0).astype(np.int32)
         self.gpu_util = np.full((n, g), np.nan, dtype=np.float32)
+        for array in (self.model_id, self.cpu_total, self.mem_total, self.gpu_present, self.gpu_mem_total):
+            array.flags.writeable = False
+        self.mig_table.flags.writeable = False
+        self.gpu_util.flags.writeable = False
         self.gpu_borrowed = np.zeros((n, g), dtype=np.int32)
         self.gpu_guarded = np.zeros((n, g), dtype=np.int16)
         self.mig_occupied = np.zeros((n, g), dtype=np.uint8)
@@ -171,6 +187,7 @@ class ClusterState:
     def set_utilization(self, util: np.ndarray) -> None:
         """Replace measured GPU busy fractions ([N, G], NaN = unknown)."""
         self.gpu_util = util.astype(np.float32, copy=True)
+        self.gpu_util.flags.writeable = False
         self._generation += 1
         self.row_version[:] = self._generation
 
@@ -257,26 +274,11 @@ class ClusterState:
         )
 
     def snapshot(self) -> ClusterSnapshot:
-        """An independent read-only copy, safe to hand to concurrent request handlers."""
+        """An independent read-only copy, safe to hand to concurrent request handlers. Columns that only a new node
+        set or new telemetry replace (never edit in place) are shared, read-only; the rest are copied."""
         shared = self.view()
         copies = {}
-        for name in (
-            "model_id",
-            "cpu_total",
-            "mem_total",
-            "cpu_free",
-            "mem_free",
-            "gpu_present",
-            "gpu_free",
-            "gpu_mem_total",
-            "gpu_mem_free",
-            "gpu_util",
-            "gpu_borrowed",
-            "gpu_guarded",
-            "mig_table",
-            "mig_occupied",
-            "row_version",
-        ):
+        for name in _CHANGED_IN_PLACE:
             array = getattr(shared, name).copy()
             array.flags.writeable = False
             copies[name] = array
