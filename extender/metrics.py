@@ -91,7 +91,7 @@ class ReuseCollector(Collector):
         )
         rows = CounterMetricFamily(
             "gpu_extender_node_evaluations",
-            "Node evaluations for filter, by whether they were computed or reused",
+            "Node evaluations for filter and prioritize, by whether they were computed or reused",
             labels=["outcome"],
         )
         rows.add_metric(["computed"], self._evaluations.rows_evaluated)

@@ -134,10 +134,10 @@ class ClusterState:
         self.gpu_free = np.where(self.gpu_present, MILLI_PER_GPU, 0).astype(np.int32)
         self.gpu_mem_free = np.where(self.gpu_present, self.gpu_mem_total, 0).astype(np.int32)
         self.gpu_util = np.full((n, g), np.nan, dtype=np.float32)
-        for array in (self.model_id, self.cpu_total, self.mem_total, self.gpu_present, self.gpu_mem_total):
+        # Replaced, never edited, until the next build (telemetry replaces `gpu_util` whole): snapshots share them.
+        shared = (self.model_id, self.cpu_total, self.mem_total, self.gpu_present, self.gpu_mem_total, self.mig_table)
+        for array in (*shared, self.gpu_util):
             array.flags.writeable = False
-        self.mig_table.flags.writeable = False
-        self.gpu_util.flags.writeable = False
         self.gpu_borrowed = np.zeros((n, g), dtype=np.int32)
         self.gpu_guarded = np.zeros((n, g), dtype=np.int16)
         self.mig_occupied = np.zeros((n, g), dtype=np.uint8)
