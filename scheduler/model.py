@@ -132,8 +132,7 @@ class ClusterModel:
         with self._lock:
             self._expire_locked()
             self._state.apply(key, assignment)
-            ttl = self._policy.reservations.ttl_seconds
-            self._reservations[key] = Reservation(assignment, self._clock() + ttl)
+            self._hold_locked(key, assignment)
             self._publish()
 
     def assume(self, key: str, assignment: Assignment) -> bool:
@@ -147,8 +146,7 @@ class ClusterModel:
                 self._state.apply(key, assignment)
             except (ConflictError, KeyError):
                 return False
-            ttl = self._policy.reservations.assumed_ttl_seconds
-            self._reservations[key] = Reservation(assignment, self._clock() + ttl, assumed=True)
+            self._hold_locked(key, assignment, assumed=True)
             self._publish()
             return True
 
@@ -161,9 +159,7 @@ class ClusterModel:
         with self._lock:
             held = self._reservations.get(key)
             if held is not None and held.assumed:
-                del self._reservations[key]
-                self._state.release(key)
-                self._publish()
+                self._give_back_locked(key)
 
     def take_assumed(self, key: str, node: str) -> Assignment | None:
         """Bind asks for `node`: an assumption there becomes the bind's reservation without touching the state (so
@@ -173,20 +169,27 @@ class ClusterModel:
             if held is None or not held.assumed:
                 return None
             if held.assignment.node == node:
-                ttl = self._policy.reservations.ttl_seconds
-                self._reservations[key] = Reservation(held.assignment, self._clock() + ttl)
+                self._hold_locked(key, held.assignment)
                 return held.assignment
-            del self._reservations[key]
-            self._state.release(key)
-            self._publish()
+            self._give_back_locked(key)
             return None
 
     def unreserve(self, key: str) -> None:
         """Give back a reservation whose binding failed."""
         with self._lock:
-            if self._reservations.pop(key, None) is not None:
-                self._state.release(key)
-                self._publish()
+            self._give_back_locked(key)
+
+    def _hold_locked(self, key: str, assignment: Assignment, assumed: bool = False) -> None:
+        """Record the reservation of capacity already applied to the state, with its timeout."""
+        spec = self._policy.reservations
+        ttl = spec.assumed_ttl_seconds if assumed else spec.ttl_seconds
+        self._reservations[key] = Reservation(assignment, self._clock() + ttl, assumed)
+
+    def _give_back_locked(self, key: str) -> None:
+        """Drop a reservation and free its capacity (nothing when the pod holds none)."""
+        if self._reservations.pop(key, None) is not None:
+            self._state.release(key)
+            self._publish()
 
     def refresh_shapes(self) -> None:
         """Re-learn the typical pod shapes from the pods bound now (cheap; call every few seconds). Unchanged
