@@ -163,24 +163,21 @@ def measure(
 
 
 def _verb_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Mean milliseconds per call of each verb, and the share of prioritize answers computed ahead."""
+    """Mean milliseconds per call of each verb, the shares of prioritize answers computed ahead and of node
+    evaluations reused, and the calls that failed."""
+
+    def grew(metric: str) -> float:
+        return after.get(metric, 0.0) - before.get(metric, 0.0)
+
     out = {}
-    hits, misses = (
-        after.get(f"gpu_extender_score_cache_{k}_total", 0.0) - before.get(f"gpu_extender_score_cache_{k}_total", 0.0)
-        for k in ("hits", "misses")
-    )
+    hits, misses = (grew(f"gpu_extender_score_cache_{k}_total") for k in ("hits", "misses"))
     if hits + misses:
         out["ahead %"] = 100 * hits / (hits + misses)
-    computed, reused = (
-        after.get(f'gpu_extender_node_evaluations_total{{outcome="{k}"}}', 0.0)
-        - before.get(f'gpu_extender_node_evaluations_total{{outcome="{k}"}}', 0.0)
-        for k in ("computed", "reused")
-    )
+    computed, reused = (grew(f'gpu_extender_node_evaluations_total{{outcome="{k}"}}') for k in ("computed", "reused"))
     if computed + reused:
         out["reused %"] = 100 * reused / (computed + reused)
     failed = sum(
-        after.get(f'gpu_extender_decisions_total{{verb="{verb}",outcome="{outcome}"}}', 0.0)
-        - before.get(f'gpu_extender_decisions_total{{verb="{verb}",outcome="{outcome}"}}', 0.0)
+        grew(f'gpu_extender_decisions_total{{verb="{verb}",outcome="{outcome}"}}')
         for verb in ("filter", "prioritize", "bind")
         for outcome in ("error", "not_ready")
     )
@@ -188,10 +185,9 @@ def _verb_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, flo
         out["failed calls"] = failed
     for verb in ("filter", "prioritize", "bind"):
         key = f'gpu_extender_request_duration_seconds_{{}}{{{{verb="{verb}"}}}}'
-        calls = after.get(key.format("count"), 0.0) - before.get(key.format("count"), 0.0)
-        spent = after.get(key.format("sum"), 0.0) - before.get(key.format("sum"), 0.0)
+        calls = grew(key.format("count"))
         if calls:
-            out[verb] = 1000 * spent / calls
+            out[verb] = 1000 * grew(key.format("sum")) / calls
     return out
 
 
