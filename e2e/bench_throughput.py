@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted(int(n) for n in args.nodes.split(","))
     results: list[Measurement] = []
     with ControlPlane() as plane, plane.api_client() as api:
-        extender = Extender(plane, name="gpu-extender-bench")
+        extender = Extender(plane, name="gpu-extender-bench", policy=stack.SHIPPED_POLICY)
         extender.start()
         have = 0
         for size in sizes:
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             expected = allocated_gpus_of_scale_pods(scale_nodes, args.scale_pods)
             wait_extender_sees(extender, scale_nodes, expected, timeout_s=600)
             running_rss, running_hwm = extender.rss_kib()
-            fresh = Extender(plane, name="gpu-extender-fresh")
+            fresh = Extender(plane, name="gpu-extender-fresh", policy=stack.SHIPPED_POLICY)
             started = time.monotonic()
             fresh.start(timeout_s=300)
             ready_s = time.monotonic() - started

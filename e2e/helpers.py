@@ -514,7 +514,9 @@ class Stack:
     scheduler: procs.Component | None = None
 
     @classmethod
-    def start(cls, plane: ControlPlane, api: Any, policy: Path | None = None, name: str = "gpu-scheduler") -> Stack:
+    def start(
+        cls, plane: ControlPlane, api: Any, policy: Path = stack.SHIPPED_POLICY, name: str = "gpu-scheduler"
+    ) -> Stack:
         extender = Extender(plane, policy=policy)
         extender.start()
         scheduler = plane.start_scheduler(stack.scheduler_config(extender.url), name=name)

@@ -14,6 +14,7 @@ from e2e.controlplane import ControlPlane
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEDULER_CONFIG = REPO / "manifests" / "base" / "kube-scheduler-config.yaml"
+SHIPPED_POLICY = REPO / "manifests" / "base" / "policy.yaml"
 STOCK_SCHEDULER = "default-scheduler"
 
 
@@ -45,9 +46,10 @@ def stock_scheduler_config() -> str:
 
 
 def start_extender(
-    plane: ControlPlane, name: str = "gpu-extender", policy: Path | None = None, timeout_s: float = 60.0
+    plane: ControlPlane, name: str = "gpu-extender", policy: Path | None = SHIPPED_POLICY, timeout_s: float = 60.0
 ) -> procs.Component:
-    """`gpu-extender serve` against the control plane; returns once /readyz answers (first full list in)."""
+    """`gpu-extender serve` against the control plane (with the shipped policy unless told otherwise); returns once
+    /readyz answers (first full list in)."""
     (port,) = procs.free_ports(1)
     argv = [sys.executable, "-m", "extender.cli", "serve", "--kubeconfig", str(plane.kubeconfig), "--port", str(port)]
     if policy is not None:

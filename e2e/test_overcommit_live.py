@@ -23,14 +23,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import kubernetes.client
 import pytest
 import yaml
 
-from e2e import fleet, helpers, procs
+from e2e import fleet, helpers, procs, stack
 from e2e.controlplane import ControlPlane
 from e2e.helpers import PodWatch, Stack, gpu_pod
 from e2e.prometheus import Prometheus
@@ -57,7 +56,7 @@ NS = "overcommit-live"
 POOL = "overcommit"
 FULL_POOL = "overcommit-full"
 H100 = "NVIDIA-H100-80GB-HBM3"
-POLICY = Path(__file__).resolve().parents[1] / "manifests" / "base" / "policy.yaml"
+POLICY = stack.SHIPPED_POLICY
 HOSTNAME = "kubernetes.io/hostname"
 ROLE = "e2e.gpu-extender.io/role"
 WHOLE = fleet.GPU_RESOURCE

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.e2e
 NS = "scenarios"
 A100 = "NVIDIA-A100-SXM4-80GB"
 H100 = "NVIDIA-H100-80GB-HBM3"
-POLICY = Path(__file__).resolve().parents[1] / "manifests" / "base" / "policy.yaml"
+POLICY = stack.SHIPPED_POLICY
 
 
 @pytest.fixture(scope="module")
@@ -447,9 +447,11 @@ def _prediction(nodes: list[dict[str, Any]], mode: str) -> tuple[float, list[int
     sequence = arrival_sequence(pods, gpu_capacity_milli(inventories), 1.3, rng)
     ordered = node_order(inventories, rng)
     shapes = typical_shapes(pods.demands, coverage=0.95)
-    policy = make_policy("default", shapes, load_policy(POLICY))
-    # The shipped profile: weight 100, every node scored, no built-in scorers.
+    placement = load_policy(POLICY)
+    policy = make_policy("default", shapes, placement)
+    # The shipped profile (weight 100, every node scored, no built-in scorers) and policy.
     kube = KubeSchedulerOptions(extender_weight=100, percentage_of_nodes_to_score=100, builtin_scores=False)
+    kube = kube.serving(placement.extender_scoring)
     demands = [pods.demands[i] for i in sequence]
     result = replay(
         REPLAY_LIST, ordered, demands, policy, shapes, REPLAY_SEED, np.random.default_rng([REPLAY_SEED, 1]), mode, kube

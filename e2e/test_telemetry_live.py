@@ -38,7 +38,7 @@ POOL = "telemetry"
 H100 = "NVIDIA-H100-80GB-HBM3"
 FLIP = "tl-flip"
 STEADY = "tl-steady"
-POLICY = Path(__file__).resolve().parents[1] / "manifests" / "base" / "policy.yaml"
+POLICY = stack.SHIPPED_POLICY
 
 GPUS = 8
 FLIP_AFTER_S = 10.0

@@ -7,6 +7,7 @@ import gc
 import importlib.util
 import logging
 import threading
+from typing import Any
 
 import uvicorn
 
@@ -74,6 +75,16 @@ def _warn_if_slow_stack() -> None:
         log.warning("serving without uvicorn's fast stack", extra={"missing": missing})
 
 
+def _http_protocol() -> Any:
+    """uvicorn's fast HTTP protocol, writing each response at once (`extender.transport`); its default without
+    httptools."""
+    if importlib.util.find_spec("httptools") is None:
+        return "auto"
+    from extender.transport import CoalescingHttpToolsProtocol
+
+    return CoalescingHttpToolsProtocol
+
+
 def run(args: argparse.Namespace) -> int:
     configure(args.log_level)
     reloader = None
@@ -131,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
             proxy_headers=False,
             server_header=False,
             ws="none",
+            http=_http_protocol(),
             # Longer than kube-scheduler's idle timeout (Go's 90 s): the scheduler closes idle connections first,
             # so it never sends a call on a connection we are closing, and bursts after a pause reuse connections
             # (no new TCP and TLS handshakes).

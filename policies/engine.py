@@ -58,6 +58,19 @@ class Evaluation:
             return None
         return int(np.argmax(self.scores))
 
+    def shortlist(self, limit: int) -> np.ndarray:
+        """Indices (into `rows`) of the `limit` preferred feasible placements, best first (`best()` leads)."""
+        feasible = np.flatnonzero(self.feasible)
+        return feasible[top_positions(self.scores[feasible], limit)]
+
+
+def top_positions(scores: np.ndarray, limit: int) -> np.ndarray:
+    """Positions of the `limit` highest scores, highest first; equal scores keep their order, so the first is
+    `np.argmax`'s."""
+    if limit == 1 and len(scores):
+        return np.array([int(np.argmax(scores))])
+    return np.argsort(-scores, kind="stable")[:limit]
+
 
 def evaluate(
     snapshot: ClusterSnapshot,

@@ -1,9 +1,9 @@
 """The scheduler's verbs over the cluster model: filter, prioritize, bind, preempt and explain.
 
 This is where a pod and a list of node names meet the decision core; the HTTP layer only translates the wire
-format. Filter and prioritize read one immutable snapshot and do no I/O. Prioritize holds the placement it
-recommends until bind asks for it; bind holds capacity in the model before it talks to the API server, and gives
-it back if the binding fails.
+format. Filter and prioritize read one immutable snapshot and do no I/O. Prioritize (or filter, when the policy
+has it shortlist the best nodes) holds the placement it recommends until bind asks for it; bind holds capacity in
+the model before it talks to the API server, and gives it back if the binding fails.
 """
 
 from __future__ import annotations
@@ -66,8 +66,11 @@ class _Decision:
 
     def feasible_part(self, passed: list[str]) -> _Decision:
         """The same decision over the names it found feasible (`passed`, in order): what prioritize is asked next."""
-        at = np.flatnonzero(self.evaluation.feasible)
-        return replace(self, evaluation=self.evaluation.take(at), names=passed, known=passed, unknown=[])
+        return self.part(np.flatnonzero(self.evaluation.feasible), passed)
+
+    def part(self, at: np.ndarray, names: list[str]) -> _Decision:
+        """The same decision over the known names at positions `at` (`names`, in that order)."""
+        return replace(self, evaluation=self.evaluation.take(at), names=names, known=names, unknown=[])
 
 
 @dataclass(frozen=True)
@@ -278,8 +281,10 @@ class PlacementService:
         return self.evaluations
 
     def filter(self, pod: Mapping[str, Any], names: list[str]) -> FilterOutcome:
-        self.model.release_assumed(pod_uid(pod))  # a retried pod: what it held must not count against it
-        decision = self._evaluate(pod, names, score=False)
+        uid = pod_uid(pod)
+        self.model.release_assumed(uid)  # a retried pod: what it held must not count against it
+        # A shortlist is chosen by score: then feasibility and scores are evaluated in one pass.
+        decision = self._evaluate(pod, names, score=self.model.policy.extender_scoring.shortlist > 0)
         outcome = _outcome(decision)
         if outcome.reasons:
             meta = pod.get("metadata") or {}
@@ -287,7 +292,24 @@ class PlacementService:
                 "rejected nodes",
                 extra={"pod": f"{meta.get('namespace')}/{meta.get('name')}", "reasons": dict(outcome.reasons)},
             )
+        limit = decision.policy.extender_scoring.shortlist
+        if limit and len(outcome.passed) > limit:
+            return self._shortlist(uid, decision, outcome, limit)
         return outcome
+
+    def _shortlist(self, uid: str, decision: _Decision, outcome: FilterOutcome, limit: int) -> FilterOutcome:
+        """Let through only the `limit` best-scored feasible nodes, best first. A single node gets no prioritize
+        call, so filter then holds its placement until bind (`assumeBest`), as prioritize would.
+
+        The other feasible nodes are left out of the answer, not listed as failed: kube-scheduler gives a node an
+        extender leaves out the status unschedulable-and-unresolvable, as listing it would, and is spared decoding
+        thousands of entries per pod. A pod that fits nowhere never gets here: it gets every node's reason."""
+        evaluation = self._scored(decision)
+        at = evaluation.shortlist(limit)
+        if limit == 1 and decision.policy.extender_scoring.assume_best:
+            self.model.assume(uid, assign(decision.snapshot, decision.demand, evaluation, int(at[0])))
+        kept = replace(decision, evaluation=evaluation, scored=True).part(at, [decision.known[i] for i in at.tolist()])
+        return replace(outcome, passed=kept.names, decision=kept)
 
     def prepare_prioritize(self, pod: Mapping[str, Any], outcome: FilterOutcome) -> None:
         """Turn filter's evaluation into prioritize's answer before it is asked. kube-scheduler calls prioritize
@@ -316,11 +338,7 @@ class PlacementService:
 
     def _score(self, uid: str, decision: _Decision) -> _Cached:
         """Prioritize's answer for a decision, and the placement on its best node; remembered for the pod."""
-        evaluation = decision.evaluation
-        if not decision.scored:
-            evaluation = self._evaluation(
-                decision.snapshot, decision.policy, decision.shapes, decision.demand, evaluation.rows, score=True
-            )
+        evaluation = self._scored(decision)
         scores = extender_scores(evaluation, decision.policy.extender_scoring.mode)
         answer = (*zip(decision.known, scores.tolist(), strict=True), *((name, 0) for name in decision.unknown))
         rows = evaluation.rows if not decision.unknown else np.empty(0, dtype=np.int64)
@@ -339,6 +357,14 @@ class PlacementService:
         )
         self.score_cache.put(uid, entry)
         return entry
+
+    def _scored(self, decision: _Decision) -> Evaluation:
+        """The decision's evaluation with scores (computed now if the decision was made without them)."""
+        if decision.scored:
+            return decision.evaluation
+        return self._evaluation(
+            decision.snapshot, decision.policy, decision.shapes, decision.demand, decision.evaluation.rows, score=True
+        )
 
     def explain(self, pod: Mapping[str, Any], names: list[str] | None = None) -> list[dict[str, Any]]:
         """Why each node would or would not take the pod: reason, raw score, each scorer's part, placement."""

@@ -142,20 +142,30 @@ def test_with_kube_schedulers_default_weight_built_in_scores_can_overrule_the_ex
             return _evaluation(rows, reasons, np.flatnonzero(reasons == 0), 3.0 - rows, 0)
 
     chosen = {}
-    for weight in (1, 30):
+    for weight, shortlist in ((1, 0), (30, 0), (1, 1), (1, 2)):
         sim = Replay(
             [node("loaded", gpus=2), node("idle", gpus=2), node("idle-too", gpus=2)],
             Preference(),
             typical_shapes([gpu(1_000)]),
             np.random.default_rng(0),
             mode="kube-scheduler",
-            kube=KubeSchedulerOptions(extender_weight=weight),
+            kube=KubeSchedulerOptions(extender_weight=weight, shortlist=shortlist),
         )
         # "loaded" has almost no CPU or memory left: LeastAllocated + BalancedAllocation give it about 100,
         # "idle" about 195. With weight 1 our lead (10 - 4) × 10 = 60 does not make up for it; with 30 it does.
+        # A shortlist of one leaves the scheduler nothing else to choose. Over a shortlist of two our answers are
+        # 10 and 0: a lead of 100 that the built-in scores cannot make up either.
         sim.state.apply("held", Assignment("loaded", 31_000, 129_000, gpus=(0,), milli=1_000))
-        chosen[weight] = sim.place("pod", gpu(1_000)).node
-    assert chosen == {1: "idle", 30: "loaded"}
+        chosen[weight, shortlist] = sim.place("pod", gpu(1_000)).node
+    assert chosen == {(1, 0): "idle", (30, 0): "loaded", (1, 1): "loaded", (1, 2): "loaded"}
+
+
+def test_kube_scheduler_mode_answers_as_the_policy_file_says():
+    from policies.config import PlacementPolicy
+
+    scoring = PlacementPolicy.model_validate({"extenderScoring": {"mode": "linear", "shortlist": 3}}).extender_scoring
+    options = KubeSchedulerOptions(extender_weight=5).serving(scoring)
+    assert (options.scoring_mode, options.shortlist, options.extender_weight) == ("linear", 3, 5)
 
 
 # -- replays -------------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ Two ways to turn scores into a node:
 - `sim`: the policy's own choice (best score, ties to the earliest node of the run's fixed order), as the
   published simulator decides;
 - `kube-scheduler`: as kube-scheduler decides with this extender configured: the built-in filters (CPU and
-  memory), optionally the node sampling of `percentageOfNodesToScore`, our filter, then the total of our
-  prioritize answer (`extender_scores`, 0..10) × weight × 10 and the built-in scores (NodeResourcesFit
+  memory), optionally the node sampling of `percentageOfNodesToScore`, our filter (and its shortlist), then the
+  total of our prioritize answer (`extender_scores`, 0..10) × weight × 10 and the built-in scores (NodeResourcesFit
   LeastAllocated or MostAllocated and NodeResourcesBalancedAllocation on CPU and memory, weight 1 each; the other
   default scorers give every node the same score for these pods), ties at random.
 """
@@ -21,13 +21,14 @@ Two ways to turn scores into a node:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from policies.baselines import BasePolicy
+from policies.config import ExtenderScoring
 from policies.demand import Demand
-from policies.engine import MAX_EXTENDER_SCORE, Evaluation, extender_scores
+from policies.engine import MAX_EXTENDER_SCORE, Evaluation, extender_scores, top_positions
 from policies.feasibility import Reason
 from policies.fragmentation import TypicalShapes, node_fragmentation
 from policies.inventory import NodeInventory
@@ -45,10 +46,15 @@ class KubeSchedulerOptions:
 
     extender_weight: int = 30
     scoring_mode: str = "rank"  # the policy file's extenderScoring.mode
+    shortlist: int = 0  # the policy file's extenderScoring.shortlist: our filter lets only the best through
     percentage_of_nodes_to_score: int = 100  # 0: kube-scheduler's adaptive default
     builtin_scores: bool = True
     fit_strategy: str = "LeastAllocated"  # NodeResourcesFit scoringStrategy.type: LeastAllocated or MostAllocated
     balanced_allocation: bool = True  # NodeResourcesBalancedAllocation enabled
+
+    def serving(self, scoring: ExtenderScoring) -> KubeSchedulerOptions:
+        """These options with the extender answering as a policy file's `extenderScoring` says."""
+        return replace(self, scoring_mode=scoring.mode, shortlist=scoring.shortlist)
 
     @property
     def builtin_spread(self) -> int:
@@ -186,6 +192,8 @@ class Replay:
         candidates = order[evaluation.reasons[order] == Reason.FITS]  # our filter (CPU/memory included)
         if not len(candidates):
             return None
+        if 0 < self.kube.shortlist < len(candidates):
+            candidates = candidates[top_positions(evaluation.scores[candidates], self.kube.shortlist)]
         if len(candidates) == 1:  # prioritize is not called for a single node
             return int(candidates[0])
         weight = self.kube.extender_weight * 10

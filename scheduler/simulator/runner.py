@@ -75,11 +75,11 @@ def workload_for_seed(task: Task):
 def run_task(task: Task) -> RunResult:
     ordered, demands = workload_for_seed(task)
     shapes = _shapes(task.pods)
-    policy = make_policy(task.policy, shapes, _placement(task.policy_file))
+    placement = _placement(task.policy_file)
+    policy = make_policy(task.policy, shapes, placement)
+    kube = task.kube.serving(placement.extender_scoring)
     rng = np.random.default_rng([task.seed, 1])  # the policy's and the scheduler's own draws
-    return replay(
-        task.workload, ordered, demands, policy, shapes, task.seed, rng, task.mode, task.kube, verify=task.verify
-    )
+    return replay(task.workload, ordered, demands, policy, shapes, task.seed, rng, task.mode, kube, verify=task.verify)
 
 
 class Progress:

@@ -1,0 +1,108 @@
+"""Filter's shortlist: only the best-scored feasible nodes pass, best first, and the best one's placement is held
+until bind. With a shortlist of one, kube-scheduler binds the only node it is given without asking prioritize, so
+that node must be the one prioritize would have scored 10, and the placement the same."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from policies.config import PlacementPolicy
+from policies.engine import top_positions
+from scheduler.binder import MemoryBinder
+from scheduler.model import ClusterModel
+from scheduler.service import PlacementService
+from tests.test_service_cache import POLICIES, ask_gpus, best_of, bind, fleet, pod
+
+
+def service(policy: dict, shortlist: int) -> PlacementService:
+    document = {**policy, "extenderScoring": {**policy.get("extenderScoring", {}), "shortlist": shortlist}}
+    model = ClusterModel(PlacementPolicy.model_validate(document))
+    model.replace_nodes(fleet())
+    shape = model.snapshot().gpu_util.shape
+    model.set_utilization(np.random.default_rng(2).uniform(0, 1, shape).astype(np.float32))
+    model.mark_ready()
+    return PlacementService(model, MemoryBinder(), confirm_on_bind=True)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_a_shortlist_of_one_is_prioritizes_best_with_the_same_placement(name: str) -> None:
+    short, full = service(POLICIES[name], 1), service(POLICIES[name], 0)
+    rng = random.Random(17)
+    names = list(full.model.snapshot().names)
+    shortlisted = 0
+    for i in range(150):
+        p = pod(f"p{i}", rng)
+        uid = p["metadata"]["uid"]
+        candidates = rng.sample(names, 30)
+        expected = full.filter(p, candidates)
+        outcome = short.filter(p, candidates)
+        assert (outcome.failed, outcome.unresolvable) == (expected.failed, expected.unresolvable)
+        if len(expected.passed) <= 1:
+            assert outcome.passed == expected.passed
+            continue
+        shortlisted += 1
+        best = best_of(full.prioritize(p, expected.passed))
+        assert outcome.passed == [best]
+        held = short.model.assignment_of(uid)
+        assert held is not None and held == full.model.assignment_of(uid)
+        assert bind(short, p, best) == bind(full, p, best) == held
+    assert shortlisted > 50
+    assert short.model.assignments() == full.model.assignments()
+
+
+def test_a_longer_shortlist_keeps_the_best_in_order_and_prioritize_agrees() -> None:
+    short = service({}, 3)
+    names = list(short.model.snapshot().names)
+    p = pod("p", random.Random(4))
+    ask_gpus(p, 1)
+    raw = {e["node"]: e["raw"] for e in short.explain(p, names) if e["fits"]}
+    expected = sorted((name for name in names if name in raw), key=lambda name: -raw[name])[:3]
+    outcome = short.filter(p, names)
+    assert outcome.passed == expected and len(raw) > 3
+    assert short.model.assignment_of("p") is None, "prioritize, which is called next, holds the best"
+    short.prepare_prioritize(p, outcome)
+    hits = short.score_cache.hits
+    assert best_of(short.prioritize(p, outcome.passed)) == expected[0]
+    assert short.score_cache.hits == hits + 1, "prioritize over the shortlist was scored ahead"
+    assert short.model.assignment_of("p").node == expected[0]  # type: ignore[union-attr]
+
+
+def test_a_pod_that_fits_nowhere_still_gets_every_nodes_reason() -> None:
+    short = service({}, 1)
+    names = list(short.model.snapshot().names)
+    p = pod("huge", random.Random(1))
+    ask_gpus(p, 16)
+    outcome = short.filter(p, names)
+    assert outcome.passed == []
+    assert set(outcome.failed) | set(outcome.unresolvable) == set(names)
+    assert short.model.assignment_of("huge") is None
+
+
+def test_feasible_nodes_left_out_are_not_listed_as_failed() -> None:
+    short, full = service({}, 1), service({}, 0)
+    names = list(full.model.snapshot().names)
+    p = pod("p", random.Random(4))
+    ask_gpus(p, 1)
+    outcome, expected = short.filter(p, names), full.filter(p, names)
+    answered = [*outcome.passed, *outcome.failed, *outcome.unresolvable]
+    assert len(answered) == len(set(answered)) and set(answered) <= set(names)
+    assert not set(expected.passed) & (set(outcome.failed) | set(outcome.unresolvable))
+
+
+def test_without_assume_best_a_shortlist_holds_nothing() -> None:
+    short = service({"extenderScoring": {"assumeBest": False}}, 1)
+    p = pod("p", random.Random(4))
+    ask_gpus(p, 1)
+    (best,) = short.filter(p, list(short.model.snapshot().names)).passed
+    assert short.model.assignment_of("p") is None
+    assert bind(short, p, best).node == best
+
+
+def test_top_positions_orders_by_score_and_keeps_ties_in_order() -> None:
+    scores = np.array([1.0, 3.0, 2.0, 3.0, -np.inf])
+    assert top_positions(scores, 1).tolist() == [1]
+    assert top_positions(scores, 3).tolist() == [1, 3, 2]
+    assert top_positions(scores, 9).tolist() == [1, 3, 2, 0, 4]
