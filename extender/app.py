@@ -6,14 +6,15 @@ to decide is reported in the protocol's `Error` field, never as a crash.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -31,6 +32,7 @@ from extender.wire import (
     MetaVictims,
     filter_result,
 )
+from scheduler.binder import CONCURRENT_BINDS
 from scheduler.podspec import PodSpecError
 from scheduler.service import BindError, FilterOutcome, NotReadyError, PlacementService
 
@@ -201,9 +203,12 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderA
     async def prioritize_verb(body: bytes) -> Reply:
         return _reply(body, ExtenderArgs, lambda args: (prioritize(args), None))
 
+    binds = ThreadPoolExecutor(CONCURRENT_BINDS, thread_name_prefix="bind")
+
     async def bind_verb(body: bytes) -> Reply:
         # Binding talks to the API server: keep it off the event loop that answers filter and prioritize.
-        return await run_in_threadpool(_reply, body, ExtenderBindingArgs, lambda args: (bind(args), None))
+        call = functools.partial(_reply, body, ExtenderBindingArgs, lambda args: (bind(args), None))
+        return await asyncio.get_running_loop().run_in_executor(binds, call)
 
     verbs: dict[str, Verb] = {"/filter": filter_verb, "/prioritize": prioritize_verb, "/bind": bind_verb}
     for path, verb in verbs.items():

@@ -48,11 +48,11 @@ def live_service(kubeconfig: str | None, policy: PlacementPolicy) -> tuple[Place
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-    api = client.ApiClient()
     model = ClusterModel(policy)
-    watcher = ClusterWatcher(api, model)
+    watcher = ClusterWatcher(client.ApiClient(), model)
     watcher.start()
-    return PlacementService(model, KubernetesBinder(api)), watcher
+    binder = KubernetesBinder.with_own_connections(client.Configuration.get_default_copy())
+    return PlacementService(model, binder), watcher
 
 
 def _housekeeping(model: ClusterModel, stop: threading.Event, interval: float = 5.0) -> None:
