@@ -6,9 +6,10 @@ calls with 500 and 5,000 candidate node names from the client side on loopback. 
 let through and is skipped when only one passed, as kube-scheduler does (`--prioritize all` sends it every
 candidate name instead). Prints p50/p99/max per verb and per pod (filter and prioritize together, what the
 scheduling loop waits for) and the server's peak resident memory. Each timed pod is then bound to its best node,
-untimed, as kube-scheduler would.
+untimed, as kube-scheduler would. The server runs the default policy, whose filter passes every feasible node;
+`--policy manifests/base/policy.yaml` times the shipped one, whose filter passes only the best.
 
-    python -m e2e.bench_extender [--calls 400] [--fleet openb|5000|both] [--prioritize passed|all]
+    python -m e2e.bench_extender [--calls 400] [--fleet openb|5000|both] [--prioritize passed|all] [--policy FILE]
 """
 
 from __future__ import annotations
@@ -75,22 +76,10 @@ class Client:
         self._conn.close()
 
 
-def _serve(fleet: Path, port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "extender.cli",
-            "serve",
-            "--fleet",
-            str(fleet),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+def _serve(fleet: Path, port: int, policy: Path | None) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "extender.cli", "serve", "--fleet", str(fleet), "--port", str(port)]
+    argv += ["--log-level", "warning", *(["--policy", str(policy)] if policy else [])]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -161,13 +150,19 @@ def _bind(client: Client, pod: dict[str, Any], node: str) -> bool:
 
 
 def bench(
-    fleet: Path, candidates: int, calls: int, pods: list[TracePod], fill: float, prioritize_all: bool = False
+    fleet: Path,
+    candidates: int,
+    calls: int,
+    pods: list[TracePod],
+    fill: float,
+    prioritize_all: bool = False,
+    policy: Path | None = None,
 ) -> None:
     with open(fleet, newline="") as handle:
         names = [row["sn"] for row in csv.DictReader(handle)]
     rng = random.Random(42)
     port = free_ports(1)[0]
-    proc = _serve(fleet, port)
+    proc = _serve(fleet, port, policy)
     try:
         client = Client(port)
         try:
@@ -207,16 +202,18 @@ def main(argv: list[str] | None = None) -> int:
         default="passed",
         help="names sent to prioritize: those filter passed, as kube-scheduler does (default), or every candidate",
     )
+    parser.add_argument("--policy", type=Path, help="placement policy file for the server (default: built-in defaults)")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress when piped to a file
     openb = shared_data() / "openb"
     pods = read_openb_pods(openb / "openb_pod_list_default.csv")
     with tempfile.TemporaryDirectory() as tmp:
         if args.fleet in ("openb", "both"):
-            bench(openb / "openb_node_list_gpu_node.csv", 500, args.calls, pods, args.fill, args.prioritize == "all")
+            openb_fleet = openb / "openb_node_list_gpu_node.csv"
+            bench(openb_fleet, 500, args.calls, pods, args.fill, args.prioritize == "all", args.policy)
         if args.fleet in ("5000", "both"):
             big = _generated_fleet(openb / "openb_node_list_gpu_node.csv", 5000, Path(tmp) / "fleet-5000.csv")
-            bench(big, 5000, args.calls, pods, args.fill, args.prioritize == "all")
+            bench(big, 5000, args.calls, pods, args.fill, args.prioritize == "all", args.policy)
     return 0
 
 

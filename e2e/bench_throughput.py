@@ -5,9 +5,9 @@
 For each fleet size and round, the same number of one-GPU pods is created while no scheduler runs; then a
 kube-scheduler is started and the pods are timed from the first binding to the last (bindings are seen through
 a watch; the PodScheduled conditions' one-second timestamps give a second reading). Two profiles alternate:
-(a) the stock profile, no extender; (b) the shipped profile (`manifests/base/kube-scheduler-config.yaml`) with our
-extender doing filter, prioritize and bind. Between measurements the pods are deleted, so each starts on an
-empty fleet.
+(a) the stock profile, no extender; (b) the shipped profile and policy (`manifests/base/`) with our extender doing
+filter (which passes only the best node, so prioritize is not called) and bind. Between measurements the pods are
+deleted, so each starts on an empty fleet.
 
 Then the cluster model's scale: 5,000 GPU nodes and 50,000 pods bound with our assignment annotation (created
 directly with `spec.nodeName`), and a freshly started extender's time to ready and resident memory.
