@@ -182,7 +182,8 @@ def bench(
             f"{'every candidate' if prioritize_all else 'the passed'} names (median {np.median(asked or [0]):.0f})"
         )
         for verb, samples in timings.items():
-            print(f"  {verb:<10} {_percentiles(samples)}")
+            if samples:
+                print(f"  {verb:<10} {_percentiles(samples)}")
         print(f"  server peak RSS {_peak_rss_mib(proc.pid):.0f} MiB")
     finally:
         proc.terminate()

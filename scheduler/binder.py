@@ -44,8 +44,8 @@ class KubernetesBinder:
     @classmethod
     def with_own_connections(cls, configuration: Any) -> KubernetesBinder:
         """A binder whose client keeps `CONCURRENT_BINDS` connections of its own. Sharing the watches' client, whose
-        pool (10 by default) the long-lived watches already occupy, a burst of binds opened and dropped a new
-        connection for one bind in seven."""
+        pool (10 by default) the long-lived watches already occupy, bursts of binds opened and dropped a new
+        connection for up to one bind in seven."""
         from kubernetes import client
 
         own = copy.copy(configuration)
