@@ -7,7 +7,14 @@ import numpy as np
 from policies.config import Overcommit, PlacementPolicy
 from policies.demand import Demand
 from policies.fragmentation import typical_shapes
-from scheduler.simulator.duty_cycle import DutyTrace, arrival_steps, declared_busy, replay
+from scheduler.simulator.duty_cycle import (
+    DutyTrace,
+    arrival_steps,
+    declared_busy,
+    first_fit_gpus,
+    memory_bound,
+    replay,
+)
 
 SHAPES = typical_shapes([Demand(gpu_count=1, gpu_milli=1000, shareable=True)])
 SHARING = PlacementPolicy(overcommit=Overcommit(enabled=True, safetyMargin=0.1))
@@ -56,3 +63,19 @@ def test_rollout_order() -> None:
     t = trace(np.full((30, 3), 0.1))
     t = DutyTrace(t.step_s, t.busy, t.memory_mib, np.array([0, 0, 20]), np.array([29, 5, 29]), t.pods)
     assert arrival_steps(t, start=10).tolist() == [10, -1, 20]
+
+
+def test_first_fit_decreasing_by_memory() -> None:
+    gib = 1024
+    # 60 + 20 and 30 + 30 + 20 fill two 80 GiB GPUs; a third 30 needs another.
+    assert first_fit_gpus(np.array([30, 20, 60, 30, 20]) * gib, 80 * gib) == 2
+    assert first_fit_gpus(np.array([30, 20, 60, 30, 20, 30]) * gib, 80 * gib) == 3
+    assert first_fit_gpus(np.array([], dtype=np.int64), 80 * gib) == 0
+
+
+def test_memory_bound_counts_the_pods_alive_at_each_step() -> None:
+    t = trace(np.full((20, 4), 0.1), memory_gib=30)  # four 30 GiB pods: two per 80 GiB GPU
+    assert memory_bound(t, start=10, capacity_mib=80 * 1024) == 2.0
+    late = DutyTrace(t.step_s, t.busy, t.memory_mib, np.array([0, 0, 0, 15]), t.last, t.pods)
+    # Steps 10-14: three pods on two GPUs; steps 15-19: four on two.
+    assert memory_bound(late, start=10, capacity_mib=80 * 1024) == (5 * 3 + 5 * 4) / 20
