@@ -79,13 +79,17 @@ def evaluate(
     policy: PlacementPolicy,
     shapes: TypicalShapes,
     score: bool = True,
+    components: bool = False,
 ) -> Evaluation:
+    """Feasibility of `rows` for `demand` and, with `score`, each feasible row's best placement and its score.
+    With `components`, also each scorer's part of that score (what `explain` shows; the hot path has no use for
+    them)."""
     reasons = feasibility(snapshot, rows, demand)
     n = len(rows)
     scores = np.full(n, -np.inf)
     choice = np.full(n, -1, dtype=np.int64)
     mig_start = np.full(n, -1, dtype=np.int64)
-    components: dict[str, np.ndarray] = {}
+    parts: dict[str, np.ndarray] = {}
     lend, borrowed = _borrowing(snapshot, rows, demand, policy, reasons)
     ok = np.flatnonzero((reasons == Reason.FITS) & ~borrowed)
     if score and len(ok):
@@ -105,13 +109,13 @@ def evaluate(
         choice[ok] = best_col
         if demand.kind is DemandKind.MIG:
             mig_start[ok] = candidates.mig_choice[0][picked, best_col]
-        for name, value in values.items():
+        for name, value in values.items() if components else ():
             full = np.full(n, np.nan)
             full[ok] = np.broadcast_to(value, total.shape)[picked, best_col]
-            components[name] = full
+            parts[name] = full
     if score and borrowed.any():
-        _score_borrowed(snapshot, rows, lend, borrowed, policy, scores, choice, components)
-    return Evaluation(rows, reasons, scores, choice, mig_start, components, borrowed)
+        _score_borrowed(snapshot, rows, lend, borrowed, policy, scores, choice, parts if components else None)
+    return Evaluation(rows, reasons, scores, choice, mig_start, parts, borrowed)
 
 
 # GPU capacity rejections that measured idle capacity can cure.
@@ -144,7 +148,7 @@ def _score_borrowed(
     policy: PlacementPolicy,
     scores: np.ndarray,
     choice: np.ndarray,
-    components: dict[str, np.ndarray],
+    components: dict[str, np.ndarray] | None,
 ) -> None:
     """Borrowed placements go on the lending GPU with the most measured headroom (least interference), and rank
     as a block above (`prefer: borrow`) or below (`allocation`) every placement on allocated capacity."""
@@ -161,9 +165,10 @@ def _score_borrowed(
         offset = float(allocated.min()) - 2.0
     scores[at] = offset + best
     choice[at] = best_col
-    full = np.full(len(rows), np.nan)
-    full[at] = best
-    components["borrowed_headroom"] = full
+    if components is not None:
+        full = np.full(len(rows), np.nan)
+        full[at] = best
+        components["borrowed_headroom"] = full
 
 
 def extender_scores(evaluation: Evaluation, mode: str = "rank") -> np.ndarray:

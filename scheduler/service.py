@@ -261,7 +261,9 @@ class PlacementService:
         score: bool,
         reuse: bool = True,
     ) -> Evaluation:
-        if not reuse or may_borrow(demand, policy.overcommit):  # borrowed placements are ranked against each other
+        if not reuse:  # explain: afresh, with every scorer's part
+            return evaluate(snapshot, demand, rows, policy, shapes, score=score, components=True)
+        if may_borrow(demand, policy.overcommit):  # borrowed placements are ranked against each other
             return evaluate(snapshot, demand, rows, policy, shapes, score=score)
         return self._reusable(snapshot, policy, shapes).evaluate(
             demand,
