@@ -177,7 +177,7 @@ def _verb_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, flo
     if computed + reused:
         out["reused %"] = 100 * reused / (computed + reused)
     failed = sum(
-        grew(f'gpu_extender_decisions_total{{verb="{verb}",outcome="{outcome}"}}')
+        grew(f'gpu_extender_decisions_total{{outcome="{outcome}",verb="{verb}"}}')  # the exposition sorts labels
         for verb in ("filter", "prioritize", "bind")
         for outcome in ("error", "not_ready")
     )

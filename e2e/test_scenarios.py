@@ -144,8 +144,9 @@ def assert_consistent(pods: list[dict[str, Any]], pool: Pool | None = None) -> h
 
 
 # -- placement ----------------------------------------------------------------------------------------------------
-def test_whole_gpus_packed_onto_partly_used_nodes(make_pool: Any) -> None:
+def test_whole_gpus_packed_onto_partly_used_nodes(make_pool: Any, system: Stack) -> None:
     pool = make_pool("whole", [fleet.gpu_node(f"whole-{i}", 8, A100) for i in range(4)])
+    before = system.extender.metrics()
     first = pool.place(pool.pod("p0", {"nvidia.com/gpu": "2"}))
     used = helpers.node_name(first)
     ones = [pool.place(pool.pod(f"p{i}", {"nvidia.com/gpu": "1"})) for i in range(1, 7)]
@@ -163,6 +164,17 @@ def test_whole_gpus_packed_onto_partly_used_nodes(make_pool: Any) -> None:
         asked = int(pod["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"])
         assert len(set(doc["gpus"])) == asked
         assert pod["metadata"]["annotations"][GPU_INDICES] == ",".join(map(str, doc["gpus"]))
+
+    # The shipped policy's filter passes only the best node: kube-scheduler binds it without asking prioritize,
+    # and each bind takes the placement filter held for it.
+    after = system.extender.metrics()
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew('gpu_extender_decisions_total{outcome="ok",verb="filter"}') >= 9
+    assert grew('gpu_extender_decisions_total{outcome="ok",verb="prioritize"}') == 0
+    assert grew("gpu_extender_score_cache_planned_binds_total") >= 9
 
 
 def test_fractional_pods_share_gpus(make_pool: Any, system: Stack) -> None:

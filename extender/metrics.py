@@ -86,7 +86,7 @@ class ReuseCollector(Collector):
             )
         yield CounterMetricFamily(
             "gpu_extender_score_cache_planned_binds",
-            "Binds that took the placement planned while scoring instead of deciding again",
+            "Binds that took the placement held or planned when scoring instead of deciding again",
             self._scores.planned_hits,
         )
         rows = CounterMetricFamily(

@@ -136,8 +136,9 @@ class ClusterModel:
             self._publish()
 
     def assume(self, key: str, assignment: Assignment) -> bool:
-        """Hold the placement prioritize recommends until bind asks for it. Holds nothing and returns False when the
-        pod already holds capacity or this capacity has been taken meanwhile."""
+        """Hold the placement prioritize (or a filter that shortlists one node) recommends until bind asks for it.
+        Holds nothing and returns False when the pod already holds capacity or this capacity has been taken
+        meanwhile."""
         with self._lock:
             self._expire_locked()
             if key in self._state.assignments:
