@@ -106,3 +106,16 @@ def test_top_positions_orders_by_score_and_keeps_ties_in_order() -> None:
     assert top_positions(scores, 1).tolist() == [1]
     assert top_positions(scores, 3).tolist() == [1, 3, 2]
     assert top_positions(scores, 9).tolist() == [1, 3, 2, 0, 4]
+
+
+def test_filter_asked_again_for_the_same_pod_holds_one_placement() -> None:
+    short = service({}, 1)
+    names = list(short.model.snapshot().names)
+    p = pod("p", random.Random(4))
+    ask_gpus(p, 2)
+    first = short.filter(p, names).passed
+    free = int(short.model.snapshot().gpu_free.sum())
+    again = short.filter(p, names).passed  # the scheduler retried the pod before binding it
+    assert again == first
+    assert int(short.model.snapshot().gpu_free.sum()) == free, "the pod's earlier hold was given back first"
+    assert short.model.assignment_of("p").node == first[0]  # type: ignore[union-attr]
