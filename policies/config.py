@@ -100,7 +100,8 @@ class FragmentationScoring(_Strict):
 
 class Reservations(_Strict):
     """How long capacity is held for a pod the watch has not yet shown bound: after bind (`ttlSeconds`), and
-    between prioritize and bind (`assumedTtlSeconds`, when the scheduler never binds the pod)."""
+    between the decision (prioritize, or a filter that shortlists one node) and bind (`assumedTtlSeconds`, when the
+    scheduler never binds the pod)."""
 
     ttl_seconds: float = Field(120.0, gt=0, alias="ttlSeconds")
     assumed_ttl_seconds: float = Field(30.0, gt=0, alias="assumedTtlSeconds")
