@@ -3,6 +3,7 @@ over real HTTP: every reply must have the shape kube-scheduler accepted."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -28,14 +29,15 @@ def accepted_shape(name: str) -> object:
     return json.loads((WIRE / f"{name}.response.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[httpx.Client]:
+@contextlib.contextmanager
+def serving(*extra: str, scheme: str = "http", verify: str | bool = True) -> Iterator[httpx.Client]:
+    """`gpu-extender serve --fleet` on a free port, and a client for it once it is ready."""
     port = free_ports(1)[0]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "extender.cli", "serve", "--fleet", str(FLEET), "--port", str(port)],
+        [sys.executable, "-m", "extender.cli", "serve", "--fleet", str(FLEET), "--port", str(port), *extra],
         stderr=subprocess.PIPE,
     )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    client = httpx.Client(base_url=f"{scheme}://127.0.0.1:{port}", timeout=10, verify=verify)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -46,10 +48,18 @@ def server() -> Iterator[httpx.Client]:
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "server exited"
         assert time.monotonic() < deadline, "server did not become ready"
         time.sleep(0.1)
-    yield client
-    client.close()
-    proc.terminate()
-    proc.wait(10)
+    try:
+        yield client
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[httpx.Client]:
+    with serving() as client:
+        yield client
 
 
 @pytest.mark.parametrize("name", ["filter-001", "filter-002", "filter-nocache-001"])
@@ -89,3 +99,16 @@ def test_preempt_reply(server: httpx.Client) -> None:
     assert list(body) == ["NodeNameToMetaVictims"]
     # The victim is unknown to the extender (it holds no GPU we track), so the scheduler's choice stands.
     assert body == accepted_shape("preempt-p3-001")
+
+
+def test_the_same_replies_over_tls(server: httpx.Client, tmp_path: Path) -> None:
+    """Served with a certificate, each reply still goes out whole (see `extender.transport`) and is the same."""
+    from e2e import pki
+
+    keys = pki.generate(tmp_path)
+    tls = ("--tls-cert", str(keys.apiserver.cert), "--tls-key", str(keys.apiserver.key))
+    with serving(*tls, scheme="https", verify=str(keys.ca.cert)) as secure:
+        for name in ("filter-001", "filter-002", "filter-001"):  # one kept-alive connection
+            request = captured(name)
+            assert secure.post("/filter", json=request).json() == server.post("/filter", json=request).json()
+        assert secure.get("/healthz").json() == {"status": "ok"}
