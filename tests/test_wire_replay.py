@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ def accepted_shape(name: str) -> object:
 
 
 @contextlib.contextmanager
-def serving(*extra: str, scheme: str = "http", verify: str | bool = True) -> Iterator[httpx.Client]:
+def serving(*extra: str, scheme: str = "http", verify: ssl.SSLContext | bool = True) -> Iterator[httpx.Client]:
     """`gpu-extender serve --fleet` on a free port, and a client for it once it is ready."""
     port = free_ports(1)[0]
     proc = subprocess.Popen(
@@ -107,7 +108,7 @@ def test_the_same_replies_over_tls(server: httpx.Client, tmp_path: Path) -> None
 
     keys = pki.generate(tmp_path)
     tls = ("--tls-cert", str(keys.apiserver.cert), "--tls-key", str(keys.apiserver.key))
-    with serving(*tls, scheme="https", verify=str(keys.ca.cert)) as secure:
+    with serving(*tls, scheme="https", verify=ssl.create_default_context(cafile=str(keys.ca.cert))) as secure:
         for name in ("filter-001", "filter-002", "filter-001"):  # one kept-alive connection
             request = captured(name)
             assert secure.post("/filter", json=request).json() == server.post("/filter", json=request).json()
