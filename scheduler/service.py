@@ -134,9 +134,11 @@ class _Cached:
 class RowLookup:
     """Snapshot rows of requested node names, remembered for the last few lists asked.
 
-    kube-scheduler sends the same candidate list pod after pod. Comparing a freshly parsed list with the last one
-    is a fraction of the cost of looking each name up (every lookup hashes a new string and misses the CPU cache).
-    Rows stay valid while the snapshots share their name index, which only a change of the node set replaces.
+    A list asked again in the same order (a retried pod, or a scheduler that returns its feasible nodes in a stable
+    order) is found by comparison, a fraction of the cost of looking each name up (every lookup hashes a new
+    string and misses the CPU cache). kube-scheduler v1.36 collects feasible nodes from parallel workers, so its
+    order often differs between pods; a differing list usually fails the comparison at its first name. Rows stay
+    valid while the snapshots share their name index, which only a change of the node set replaces.
     """
 
     def __init__(self, size: int = 4) -> None:
@@ -308,8 +310,8 @@ class PlacementService:
         thousands of entries per pod. A pod that fits nowhere never gets here: it gets every node's reason."""
         evaluation = self._scored(decision)
         at = evaluation.shortlist(limit)
-        if limit == 1 and decision.policy.extender_scoring.assume_best:
-            self.model.assume(uid, assign(decision.snapshot, decision.demand, evaluation, int(at[0])))
+        if limit == 1:
+            self._hold_best(uid, decision.policy, assign(decision.snapshot, decision.demand, evaluation, int(at[0])))
         kept = replace(decision, evaluation=evaluation, scored=True).part(at, [decision.known[i] for i in at.tolist()])
         return replace(outcome, passed=kept.names, decision=kept)
 
@@ -334,9 +336,14 @@ class PlacementService:
         else:
             self.score_cache.misses += 1
             entry = self._score(uid, self._fresh(demand, snapshot, policy, shapes, names))
-        if entry.planned is not None and policy.extender_scoring.assume_best:
-            self.model.assume(uid, entry.planned)
+        if entry.planned is not None:
+            self._hold_best(uid, policy, entry.planned)
         return list(entry.answer)
+
+    def _hold_best(self, uid: str, policy: PlacementPolicy, placement: Assignment) -> None:
+        """Hold the recommended placement until bind asks for it, as kube-scheduler assumes a pod (`assumeBest`)."""
+        if policy.extender_scoring.assume_best:
+            self.model.assume(uid, placement)
 
     def _score(self, uid: str, decision: _Decision) -> _Cached:
         """Prioritize's answer for a decision, and the placement on its best node; remembered for the pod."""
