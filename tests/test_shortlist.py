@@ -11,20 +11,15 @@ import pytest
 
 from policies.config import PlacementPolicy
 from policies.engine import top_positions
-from scheduler.binder import MemoryBinder
-from scheduler.model import ClusterModel
 from scheduler.service import PlacementService
-from tests.test_service_cache import POLICIES, ask_gpus, best_of, bind, fleet, pod
+from tests.test_service_cache import POLICIES, ask_gpus, best_of, bind, pod, services
 
 
 def service(policy: dict, shortlist: int) -> PlacementService:
+    """A service over its own model of the test fleet, with `policy` and this shortlist."""
     document = {**policy, "extenderScoring": {**policy.get("extenderScoring", {}), "shortlist": shortlist}}
-    model = ClusterModel(PlacementPolicy.model_validate(document))
-    model.replace_nodes(fleet())
-    shape = model.snapshot().gpu_util.shape
-    model.set_utilization(np.random.default_rng(2).uniform(0, 1, shape).astype(np.float32))
-    model.mark_ready()
-    return PlacementService(model, MemoryBinder(), confirm_on_bind=True)
+    cached, _ = services(PlacementPolicy.model_validate(document))
+    return cached
 
 
 @pytest.mark.parametrize("name", POLICIES)
