@@ -208,12 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress when piped to a file
     openb = shared_data() / "openb"
     pods = read_openb_pods(openb / "openb_pod_list_default.csv")
+    openb_fleet = openb / "openb_node_list_gpu_node.csv"
     with tempfile.TemporaryDirectory() as tmp:
         if args.fleet in ("openb", "both"):
-            openb_fleet = openb / "openb_node_list_gpu_node.csv"
             bench(openb_fleet, 500, args.calls, pods, args.fill, args.prioritize == "all", args.policy)
         if args.fleet in ("5000", "both"):
-            big = _generated_fleet(openb / "openb_node_list_gpu_node.csv", 5000, Path(tmp) / "fleet-5000.csv")
+            big = _generated_fleet(openb_fleet, 5000, Path(tmp) / "fleet-5000.csv")
             bench(big, 5000, args.calls, pods, args.fill, args.prioritize == "all", args.policy)
     return 0
 
