@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -358,28 +360,49 @@ def test_broken_policy_keeps_last_good_and_a_valid_change_applies(
 
     assert "fragmentation" in scorers() and "best_fit" not in scorers()
 
-    def reloads(result: str) -> float:
-        return extender.metrics().get(f'gpu_extender_policy_reloads_total{{result="{result}"}}', 0.0)
-
     try:
         policy_file.write_text("weights: [this is not\n")
         helpers.wait_for(lambda: extender.metrics()["gpu_extender_policy_valid"] == 0.0, "policy_valid 0", 20)
-        assert reloads("invalid") >= before.get('gpu_extender_policy_reloads_total{result="invalid"}', 0.0) + 1
+        assert _policy_reloads(system, "invalid") >= _policy_reloads(system, "invalid", before) + 1
         pool.place(pool.pod("during-invalid", {"nvidia.com/gpu": "1"}))
         assert "fragmentation" in scorers() and "best_fit" not in scorers()  # the last good policy
 
-        applied = reloads("applied")
+        applied = _policy_reloads(system, "applied")
         changed = original.replace("bestFit: 0.0", "bestFit: 1.0").replace("fragmentation: 1.0", "fragmentation: 0.0")
         assert changed != original
-        policy_file.write_text(changed)
-        helpers.wait_for(lambda: extender.metrics()["gpu_extender_policy_valid"] == 1.0, "policy_valid 1", 20)
-        assert reloads("applied") == applied + 1
+        _apply_policy(system, policy_file, changed)
+        assert extender.metrics()["gpu_extender_policy_valid"] == 1.0
+        assert _policy_reloads(system, "applied") == applied + 1
         assert "best_fit" in scorers() and "fragmentation" not in scorers()
         pool.place(pool.pod("after-change", {"gpu-extender.io/gpu-milli": "500"}))
     finally:
         policy_file.write_text(original)
         helpers.wait_for(lambda: "fragmentation" in scorers(), "the original policy", 20)
     assert_consistent(pool.bound())
+
+
+def _policy_reloads(system: Stack, result: str, metrics: dict[str, float] | None = None) -> float:
+    """How many policy reloads ended with `result` ("applied" or "invalid"), now or in `metrics`."""
+    metrics = system.extender.metrics() if metrics is None else metrics
+    return metrics.get(f'gpu_extender_policy_reloads_total{{result="{result}"}}', 0.0)
+
+
+def _apply_policy(system: Stack, policy_file: Path, text: str) -> None:
+    """Write a valid policy to the extender's policy file and wait until the extender has applied it."""
+    applied = _policy_reloads(system, "applied")
+    policy_file.write_text(text)
+    helpers.wait_for(lambda: _policy_reloads(system, "applied") > applied, "the new policy applied", 20)
+
+
+@contextmanager
+def _policy_applied(system: Stack, policy_file: Path, text: str) -> Iterator[None]:
+    """The extender deciding with the policy `text` for the duration of the block, then with the file's own again."""
+    original = policy_file.read_text()
+    _apply_policy(system, policy_file, text)
+    try:
+        yield
+    finally:
+        _apply_policy(system, policy_file, original)
 
 
 # -- the openb replay -----------------------------------------------------------------------------------------------
@@ -444,11 +467,42 @@ def _physical_milli(bound: list[dict[str, Any]], trace: dict[str, TracePod], gpu
     return allocated
 
 
-def _prediction(nodes: list[dict[str, Any]], mode: str) -> tuple[float, list[int], list[str]]:
-    """The simulator on the same nodes, pods and order: (final allocation, pod list indices, node names)."""
+def _replay_policy() -> str:
+    """The shipped policy with the replayed list's typical mix pinned (the mix the simulator uses).
+
+    Left to learn, the live extender would start from the policy's default mix and then follow the pods bound so
+    far, cluster-wide and on its own refresh timer, so the prediction would not see the inputs it decided on.
+    Learning is covered by the unit tests of the cluster model."""
+    from policies.fragmentation import typical_shapes_of
+    from scheduler.simulator.trace import read_pods
+
+    pods = read_pods(shared_data() / "openb" / f"openb_pod_list_{REPLAY_LIST}.csv")
+    counts = Counter(d.shape for d in pods.demands)
+    mix = typical_shapes_of(counts, coverage=0.95)
+    default = []
+    for cpu, gpus, milli, models in zip(mix.cpu_milli, mix.gpu_count, mix.gpu_milli, mix.allowed_models, strict=True):
+        shape = (int(cpu), int(gpus), int(milli), models)
+        # Pod counts as weights: the model keeps weights to a thousandth of a unit, so counts stay exact.
+        default.append(
+            {
+                "cpuMilli": shape[0],
+                "gpuCount": shape[1],
+                "gpuMilli": shape[2],
+                "models": sorted(models),
+                "weight": counts[shape],
+            }
+        )
+    document = yaml.safe_load(POLICY.read_text())
+    document["typicalShapes"] = {"learnFromCluster": False, "default": default}
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def _prediction(nodes: list[dict[str, Any]], mode: str, policy_text: str) -> tuple[float, list[int], list[str]]:
+    """The simulator on the same nodes, pods and order, deciding with the typical mix the extender computes from
+    `policy_text`: (final allocation, pod list indices, node names)."""
     from policies.baselines import make_policy
-    from policies.config import load_policy
-    from policies.fragmentation import typical_shapes
+    from policies.config import parse_policy
+    from scheduler.model import ClusterModel
     from scheduler.nodes import inventory_from_node
     from scheduler.simulator.replay import KubeSchedulerOptions, replay
     from scheduler.simulator.trace import arrival_sequence, gpu_capacity_milli, node_order, read_pods
@@ -458,8 +512,8 @@ def _prediction(nodes: list[dict[str, Any]], mode: str) -> tuple[float, list[int
     rng = np.random.default_rng(REPLAY_SEED)
     sequence = arrival_sequence(pods, gpu_capacity_milli(inventories), 1.3, rng)
     ordered = node_order(inventories, rng)
-    shapes = typical_shapes(pods.demands, coverage=0.95)
-    placement = load_policy(POLICY)
+    placement = parse_policy(policy_text)
+    shapes = ClusterModel(placement).shapes()
     policy = make_policy("default", shapes, placement)
     # The shipped profile (weight 100, every node scored, no built-in scorers) and policy.
     kube = KubeSchedulerOptions(extender_weight=100, percentage_of_nodes_to_score=100, builtin_scores=False)
@@ -476,15 +530,16 @@ def _prediction(nodes: list[dict[str, Any]], mode: str) -> tuple[float, list[int
 
 
 def test_openb_replay_through_real_schedulers(
-    control_plane: ControlPlane, make_pool: Any, system: Stack, watch: PodWatch
+    control_plane: ControlPlane, make_pool: Any, system: Stack, watch: PodWatch, policy_file: Path
 ) -> None:
     """A tenth of the openb fleet and the matching share of its pod list, inflated to 130 % of the GPU capacity
     as the simulator does, pod by pod through kube-scheduler: with our extender, and with the stock profile."""
     nodes = fleet.nodes_from_openb_csv(fraction=REPLAY_FRACTION, seed=REPLAY_SEED)
     gpus = {n["metadata"]["name"]: int(n["metadata"]["labels"].get("nvidia.com/gpu.count", "0")) for n in nodes}
     capacity = 1000 * sum(gpus.values())
-    predicted_kube, sequence, _ = _prediction(nodes, "kube-scheduler")
-    predicted_sim, sim_sequence, _ = _prediction(nodes, "sim")
+    replay_policy = _replay_policy()
+    predicted_kube, sequence, _ = _prediction(nodes, "kube-scheduler", replay_policy)
+    predicted_sim, sim_sequence, _ = _prediction(nodes, "sim", replay_policy)
     assert sim_sequence == sequence
     rows = read_openb_pods(shared_data() / "openb" / f"openb_pod_list_{REPLAY_LIST}.csv")
     make_pool("replay", nodes)
@@ -498,7 +553,8 @@ def test_openb_replay_through_real_schedulers(
         return out, trace
 
     ours_pods, _ = manifests("replay-ours", "gpu-scheduler")
-    ours = _submit_one_by_one(system, watch, ours_pods)
+    with _policy_applied(system, policy_file, replay_policy):
+        ours = _submit_one_by_one(system, watch, ours_pods)
     ledger = assert_consistent(ours.bound)  # our recorded GPUs: none over 1000 milli, none shared whole
     ours_ratio = ledger.allocated_milli() / capacity
     helpers.delete_pods(system.api, NS, f"{POOL_LABEL}=replay")
