@@ -289,14 +289,14 @@ class PlacementService:
         self.model.release_assumed(uid)  # a retried pod: what it held must not count against it
         # A shortlist is chosen by score: then feasibility and scores are evaluated in one pass.
         decision = self._evaluate(pod, names, score=self.model.policy.extender_scoring.shortlist > 0)
-        outcome = _outcome(decision)
+        limit = decision.policy.extender_scoring.shortlist
+        outcome = _outcome(decision, name_failures=not limit or not decision.evaluation.feasible.any())
         if outcome.reasons:
             meta = pod.get("metadata") or {}
             log.info(
                 "rejected nodes",
                 extra={"pod": f"{meta.get('namespace')}/{meta.get('name')}", "reasons": dict(outcome.reasons)},
             )
-        limit = decision.policy.extender_scoring.shortlist
         if limit and len(outcome.passed) > limit:
             return self._shortlist(uid, decision, outcome, limit)
         return outcome
@@ -305,7 +305,7 @@ class PlacementService:
         """Let through only the `limit` best-scored feasible nodes, best first. A single node gets no prioritize
         call, so filter then holds its placement until bind (`assumeBest`), as prioritize would.
 
-        The other feasible nodes are left out of the answer, not listed as failed: kube-scheduler gives a node an
+        The other nodes are left out of the answer, feasible or not (`_outcome`): kube-scheduler gives a node an
         extender leaves out the status unschedulable-and-unresolvable, as listing it would, and is spared decoding
         thousands of entries per pod. A pod that fits nowhere never gets here: it gets every node's reason."""
         evaluation = self._scored(decision)
@@ -494,23 +494,27 @@ class PlacementService:
         return bool(evaluation.feasible[0])
 
 
-def _outcome(decision: _Decision) -> FilterOutcome:
+def _outcome(decision: _Decision, name_failures: bool = True) -> FilterOutcome:
     """Filter's verdicts, grouped by reason with whole-array operations (a Python step per node cost more than
-    the decision itself)."""
+    the decision itself). Without `name_failures`, rejected nodes are counted by reason but not listed: a
+    shortlisting filter that passes a node leaves the rest out, and kube-scheduler binds the node it passed
+    without looking at why the others failed."""
     known, reasons = decision.known, decision.evaluation.reasons
     fits = reasons == Reason.FITS
     outcome = FilterOutcome(passed=list(compress(known, fits.tolist())), decision=decision)
     if not fits.all():
-        for code in np.unique(reasons[~fits]).tolist():
+        codes, counts = np.unique(reasons[~fits], return_counts=True)
+        for code, count in zip(codes.tolist(), counts.tolist(), strict=True):
             text, resolvable = _VERDICTS[code]
-            at = reasons == code
-            (outcome.failed if resolvable else outcome.unresolvable).update(
-                dict.fromkeys(compress(known, at.tolist()), text)
-            )
-            outcome.reasons[text] += int(at.sum())
+            outcome.reasons[text] += count
+            if name_failures:
+                (outcome.failed if resolvable else outcome.unresolvable).update(
+                    dict.fromkeys(compress(known, (reasons == code).tolist()), text)
+                )
     if decision.unknown:
-        outcome.unresolvable.update(dict.fromkeys(decision.unknown, UNKNOWN_NODE))
         outcome.reasons[UNKNOWN_NODE] += len(decision.unknown)
+        if name_failures:
+            outcome.unresolvable.update(dict.fromkeys(decision.unknown, UNKNOWN_NODE))
     return outcome
 
 
