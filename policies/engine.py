@@ -53,23 +53,33 @@ class Evaluation:
         )
 
     def best(self) -> int | None:
-        """Index (into `rows`) of the preferred placement; ties go to the earliest row."""
+        """Index (into `rows`) of the preferred placement; ties go to the lowest snapshot row (see `shortlist`)."""
         if not self.feasible.any():
             return None
-        return int(np.argmax(self.scores))
+        return int(self.shortlist(1)[0])
 
     def shortlist(self, limit: int) -> np.ndarray:
-        """Indices (into `rows`) of the `limit` preferred feasible placements, best first (`best()` leads)."""
+        """Indices (into `rows`) of the `limit` preferred feasible placements, best first (`best()` leads).
+
+        Equal scores are ordered by snapshot row, not by where the names stood in the request: kube-scheduler
+        lists the nodes its parallel filters passed in no fixed order, and the same cluster state should get the
+        same decision. Ties are common (fragmentation in integer steps makes near-equal placements tie), and a
+        fixed order fills tied nodes one after the other."""
         feasible = np.flatnonzero(self.feasible)
-        return feasible[top_positions(self.scores[feasible], limit)]
+        return feasible[top_positions(self.scores[feasible], limit, self.rows[feasible])]
 
 
-def top_positions(scores: np.ndarray, limit: int) -> np.ndarray:
-    """Positions of the `limit` highest scores, highest first; equal scores keep their order, so the first is
-    `np.argmax`'s."""
-    if limit == 1 and len(scores):
-        return np.array([int(np.argmax(scores))])
-    return np.argsort(-scores, kind="stable")[:limit]
+def top_positions(scores: np.ndarray, limit: int, tie_order: np.ndarray | None = None) -> np.ndarray:
+    """Positions of the `limit` highest scores, highest first; equal scores by ascending `tie_order` (default:
+    their position)."""
+    if not len(scores):
+        return np.empty(0, dtype=np.int64)
+    if tie_order is None:
+        tie_order = np.arange(len(scores))
+    if limit == 1:
+        top = np.flatnonzero(scores == scores.max())
+        return top[[int(np.argmin(tie_order[top]))]]
+    return np.lexsort((tie_order, -scores))[:limit]
 
 
 def evaluate(
@@ -182,7 +192,7 @@ def extender_scores(evaluation: Evaluation, mode: str = "rank") -> np.ndarray:
     if not len(feasible):
         return out
     values = evaluation.scores[feasible]
-    best = feasible[int(np.argmax(values))]
+    best = evaluation.best()
     lo, hi = float(values.min()), float(values.max())
     if mode == "linear" and hi > lo:
         scaled = np.floor((values - lo) / (hi - lo) * (MAX_EXTENDER_SCORE - 1)).astype(np.int64)

@@ -382,6 +382,7 @@ class PlacementService:
         evaluation = decision.evaluation
         scores = extender_scores(evaluation, self.model.policy.extender_scoring.mode)
         out: list[dict[str, Any]] = []
+        order: dict[str, tuple[bool, float, int]] = {}  # best first, ties as `Evaluation.best` breaks them
         for i, name in enumerate(decision.known):
             entry: dict[str, Any] = {
                 "node": name,
@@ -393,9 +394,10 @@ class PlacementService:
                 entry["raw"] = float(evaluation.scores[i])
                 entry["components"] = {k: float(v[i]) for k, v in evaluation.components.items()}
                 entry["placement"] = _describe(assign(decision.snapshot, decision.demand, evaluation, i))
+            order[name] = (not entry["fits"], -entry.get("raw", 0.0), int(evaluation.rows[i]))
             out.append(entry)
+        out.sort(key=lambda e: order[e["node"]])
         out.extend({"node": name, "fits": False, "reason": UNKNOWN_NODE, "score": 0} for name in decision.unknown)
-        out.sort(key=lambda e: (not e["fits"], -e.get("raw", 0.0), e["node"]))
         return out
 
     # -- bind --------------------------------------------------------------------------------------------

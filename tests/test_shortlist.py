@@ -101,11 +101,15 @@ def test_without_assume_best_a_shortlist_holds_nothing() -> None:
     assert bind(short, p, best).node == best
 
 
-def test_top_positions_orders_by_score_and_keeps_ties_in_order() -> None:
+def test_top_positions_orders_by_score_then_by_the_tie_order() -> None:
     scores = np.array([1.0, 3.0, 2.0, 3.0, -np.inf])
     assert top_positions(scores, 1).tolist() == [1]
     assert top_positions(scores, 3).tolist() == [1, 3, 2]
     assert top_positions(scores, 9).tolist() == [1, 3, 2, 0, 4]
+    rows = np.array([7, 9, 4, 2, 0])  # ties by this order instead: position 3 (row 2) before position 1 (row 9)
+    assert top_positions(scores, 1, rows).tolist() == [3]
+    assert top_positions(scores, 3, rows).tolist() == [3, 1, 2]
+    assert top_positions(np.array([]), 1).tolist() == []
 
 
 def test_filter_asked_again_for_the_same_pod_holds_one_placement() -> None:
@@ -119,3 +123,20 @@ def test_filter_asked_again_for_the_same_pod_holds_one_placement() -> None:
     assert again == first
     assert int(short.model.snapshot().gpu_free.sum()) == free, "the pod's earlier hold was given back first"
     assert short.model.assignment_of("p").node == first[0]  # type: ignore[union-attr]
+
+
+def test_ties_go_to_the_same_node_whatever_order_the_names_come_in() -> None:
+    """On an idle fleet the ten A100 nodes tie for a one-GPU pod that asks for an A100. kube-scheduler lists the
+    nodes its parallel filters passed in no fixed order; the choice is the first of them in the cluster's node
+    order all the same, in filter's shortlist, prioritize's 10 and explain's first verdict."""
+    rng = random.Random(5)
+    a100 = [f"a100-{i:02d}" for i in range(10)]
+    for k in range(6):
+        short, full = service({}, 1), service({}, 0)  # afresh each time: nothing held from the last pod
+        p = pod(f"p{k}", rng)
+        ask_gpus(p, 1)
+        p["metadata"]["annotations"] = {"gpu-extender.io/gpu-types": "A100"}
+        names = rng.sample(a100, len(a100))
+        assert short.filter(p, names).passed == ["a100-00"], names
+        assert best_of(full.prioritize(p, names)) == "a100-00"
+        assert full.explain(p, names)[0]["node"] == "a100-00"

@@ -193,14 +193,14 @@ class Replay:
         if not len(candidates):
             return None
         if 0 < self.kube.shortlist < len(candidates):
-            candidates = candidates[top_positions(evaluation.scores[candidates], self.kube.shortlist)]
+            candidates = candidates[top_positions(evaluation.scores[candidates], self.kube.shortlist, candidates)]
         if len(candidates) == 1:  # prioritize is not called for a single node
             return int(candidates[0])
         weight = self.kube.extender_weight * 10
         if weight * (MAX_EXTENDER_SCORE - (MAX_EXTENDER_SCORE - 1)) > self.kube.builtin_spread:
             # Only one node gets 10 and the rest at most 9: with this weight no built-in score can overturn the
-            # extender's best, which is its highest raw score, the first one in request order.
-            return int(candidates[int(np.argmax(evaluation.scores[candidates]))])
+            # extender's best, its highest raw score (ties to the lowest row, as `Evaluation.best`).
+            return int(candidates[top_positions(evaluation.scores[candidates], 1, candidates)[0]])
         sub = Evaluation(
             candidates,
             evaluation.reasons[candidates],
