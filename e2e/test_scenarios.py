@@ -515,8 +515,13 @@ def _prediction(nodes: list[dict[str, Any]], mode: str, policy_text: str) -> tup
     placement = parse_policy(policy_text)
     shapes = ClusterModel(placement).shapes()
     policy = make_policy("default", shapes, placement)
-    # The shipped profile (weight 100, every node scored, no built-in scorers) and policy.
-    kube = KubeSchedulerOptions(extender_weight=100, percentage_of_nodes_to_score=100, builtin_scores=False)
+    # The shipped profile (its extender weight and node sample, no built-in scorers) and policy.
+    profile = yaml.safe_load(stack.SCHEDULER_CONFIG.read_text())
+    kube = KubeSchedulerOptions(
+        extender_weight=profile["extenders"][0]["weight"],
+        percentage_of_nodes_to_score=profile.get("percentageOfNodesToScore", 0),
+        builtin_scores=False,
+    )
     kube = kube.serving(placement.extender_scoring)
     demands = [pods.demands[i] for i in sequence]
     result = replay(

@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--percentage-of-nodes-to-score",
         type=int,
-        default=100,
-        help="kube-scheduler's percentageOfNodesToScore (0: its adaptive default; default 100)",
+        default=0,
+        help="kube-scheduler's percentageOfNodesToScore (default 0: its adaptive default, as shipped in "
+        "manifests/base)",
     )
     parser.add_argument(
         "--builtin-scores",

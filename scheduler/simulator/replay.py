@@ -47,7 +47,7 @@ class KubeSchedulerOptions:
     extender_weight: int = 30
     scoring_mode: str = "rank"  # the policy file's extenderScoring.mode
     shortlist: int = 0  # the policy file's extenderScoring.shortlist: our filter lets only the best through
-    percentage_of_nodes_to_score: int = 100  # 0: kube-scheduler's adaptive default
+    percentage_of_nodes_to_score: int = 0  # kube-scheduler's adaptive default, as shipped
     builtin_scores: bool = True
     fit_strategy: str = "LeastAllocated"  # NodeResourcesFit scoringStrategy.type: LeastAllocated or MostAllocated
     balanced_allocation: bool = True  # NodeResourcesBalancedAllocation enabled
