@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import copy
 import datetime as dt
+import functools
 import os
 import signal
 import statistics
@@ -182,10 +183,7 @@ def paused(pid: int) -> Iterator[None]:
 def _verb_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Mean milliseconds per call of each verb, the shares of prioritize answers computed ahead and of node
     evaluations reused, and the calls that failed."""
-
-    def grew(metric: str) -> float:
-        return after.get(metric, 0.0) - before.get(metric, 0.0)
-
+    grew = functools.partial(helpers.grown, before, after)
     out = {}
     hits, misses = (grew(f"gpu_extender_score_cache_{k}_total") for k in ("hits", "misses"))
     if hits + misses:

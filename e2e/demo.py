@@ -25,7 +25,8 @@ import numpy as np
 from e2e.build import ensure_binaries
 from e2e.controlplane import ControlPlane
 from e2e.fleet import create_nodes, gpu_node
-from e2e.stack import STOCK_SCHEDULER, extender_url, scheduler_config, start_extender, stock_scheduler_config
+from e2e.helpers import Extender
+from e2e.stack import SHIPPED_POLICY, STOCK_SCHEDULER, scheduler_config, stock_scheduler_config
 from e2e.workload import SCHEDULER_NAME, TracePod, pod_manifest, read_openb_pods, shared_data
 from policies.config import PlacementPolicy
 from policies.engine import place_on_node
@@ -213,9 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         create_nodes(api, [n for pool_list in nodes.values() for n in pool_list])
         capacity = sum(count * gpus for _, count, gpus, *_ in FLEET)
         say(f"Created two identical pools of {len(nodes['extender'])} GPU nodes, {capacity} GPUs each")
-        extender = start_extender(plane)
-        say(f"Extender serving at {extender_url(extender)} (live mode, watching the API server)")
-        plane.start_scheduler(scheduler_config(extender_url(extender)), name="gpu-scheduler")
+        extender = Extender(plane, policy=SHIPPED_POLICY)
+        extender.start()
+        say(f"Extender serving at {extender.url} (live mode, watching the API server)")
+        plane.start_scheduler(scheduler_config(extender.url), name="gpu-scheduler")
         plane.start_scheduler(stock_scheduler_config(), name="stock-scheduler")
         pods = workload(capacity, args.load, args.seed)
         started = time.monotonic()

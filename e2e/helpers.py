@@ -118,6 +118,11 @@ class Extender:
         return proc_memory_kib(self.component.pid)
 
 
+def grown(before: Mapping[str, float], after: Mapping[str, float], name: str) -> float:
+    """How much a metric grew between two `Extender.metrics()` readings (a series not yet exported counts 0)."""
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
 def http_get(url: str, timeout_s: float = 10.0) -> str:
     with urllib.request.urlopen(url, timeout=timeout_s) as resp:
         return str(resp.read().decode())

@@ -3,14 +3,10 @@ profile from `manifests/base/kube-scheduler-config.yaml` (only the extender's UR
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-from e2e import procs
-from e2e.controlplane import ControlPlane
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEDULER_CONFIG = REPO / "manifests" / "base" / "kube-scheduler-config.yaml"
@@ -43,23 +39,3 @@ def stock_scheduler_config() -> str:
             "profiles": [{"schedulerName": STOCK_SCHEDULER}],
         }
     )
-
-
-def start_extender(
-    plane: ControlPlane, name: str = "gpu-extender", policy: Path | None = SHIPPED_POLICY, timeout_s: float = 60.0
-) -> procs.Component:
-    """`gpu-extender serve` against the control plane (with the shipped policy unless told otherwise); returns once
-    /readyz answers (first full list in)."""
-    (port,) = procs.free_ports(1)
-    argv = [sys.executable, "-m", "extender.cli", "serve", "--kubeconfig", str(plane.kubeconfig), "--port", str(port)]
-    if policy is not None:
-        argv += ["--policy", str(policy)]
-    component = procs.spawn(name, argv, plane.workdir / f"{name}.log")
-    component.port = port
-    procs.wait_until(component, lambda: procs.http_ok(f"http://127.0.0.1:{port}/readyz"), "/readyz", timeout_s)
-    plane.components.append(component)
-    return component
-
-
-def extender_url(component: procs.Component) -> str:
-    return f"http://127.0.0.1:{component.port}"

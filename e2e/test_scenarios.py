@@ -8,6 +8,7 @@ from the API server: its node and the `gpu-extender.io/assignment` annotation wr
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -169,11 +170,7 @@ def test_whole_gpus_packed_onto_partly_used_nodes(make_pool: Any, system: Stack)
 
     # The shipped policy's filter passes only the best node: kube-scheduler binds it without asking prioritize,
     # and each bind takes the placement filter held for it.
-    after = system.extender.metrics()
-
-    def grew(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
-
+    grew = functools.partial(helpers.grown, before, system.extender.metrics())
     assert grew('gpu_extender_decisions_total{outcome="ok",verb="filter"}') >= 9
     assert grew('gpu_extender_decisions_total{outcome="ok",verb="prioritize"}') == 0
     assert grew("gpu_extender_score_cache_planned_binds_total") >= 9
