@@ -471,24 +471,18 @@ def _replay_policy() -> str:
     far, cluster-wide and on its own refresh timer, so the prediction would not see the inputs it decided on.
     Learning is covered by the unit tests of the cluster model."""
     from policies.fragmentation import typical_shapes_of
+    from scheduler.simulator.runner import SHAPE_COVERAGE
     from scheduler.simulator.trace import read_pods
 
     pods = read_pods(shared_data() / "openb" / f"openb_pod_list_{REPLAY_LIST}.csv")
     counts = Counter(d.shape for d in pods.demands)
-    mix = typical_shapes_of(counts, coverage=0.95)
+    mix = typical_shapes_of(counts, coverage=SHAPE_COVERAGE)
+    columns = (mix.cpu_milli.tolist(), mix.gpu_count.tolist(), mix.gpu_milli.tolist(), mix.allowed_models)
     default = []
-    for cpu, gpus, milli, models in zip(mix.cpu_milli, mix.gpu_count, mix.gpu_milli, mix.allowed_models, strict=True):
-        shape = (int(cpu), int(gpus), int(milli), models)
+    for cpu, gpus, milli, models in zip(*columns, strict=True):
         # Pod counts as weights: the model keeps weights to a thousandth of a unit, so counts stay exact.
-        default.append(
-            {
-                "cpuMilli": shape[0],
-                "gpuCount": shape[1],
-                "gpuMilli": shape[2],
-                "models": sorted(models),
-                "weight": counts[shape],
-            }
-        )
+        shape = {"cpuMilli": cpu, "gpuCount": gpus, "gpuMilli": milli, "models": sorted(models)}
+        default.append({**shape, "weight": counts[(cpu, gpus, milli, models)]})
     document = yaml.safe_load(POLICY.read_text())
     document["typicalShapes"] = {"learnFromCluster": False, "default": default}
     return yaml.safe_dump(document, sort_keys=False)
