@@ -6,13 +6,14 @@ decides where a pod goes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from policies.config import PlacementPolicy
 from policies.demand import Demand, DemandKind
-from policies.feasibility import Reason, borrowable_gpus, feasibility, may_borrow, usable_gpus
+from policies.feasibility import FITS, Reason, borrowable_gpus, feasibility, may_borrow, usable_gpus
 from policies.fragmentation import TypicalShapes
 from policies.inventory import MILLI_PER_GPU, Assignment, MigPlacement
 from policies.scoring import FRAGMENTATION_SCORERS, SCORERS, Candidates
@@ -33,9 +34,9 @@ class Evaluation:
     components: dict[str, np.ndarray]  # per-scorer value at the chosen column, for explanations
     borrowed: np.ndarray | None = None  # bool [R], the placement runs on borrowed idle capacity (overcommit)
 
-    @property
+    @cached_property
     def feasible(self) -> np.ndarray:
-        return self.reasons == Reason.FITS
+        return self.reasons == FITS
 
     def is_borrowed(self, index: int) -> bool:
         return self.borrowed is not None and bool(self.borrowed[index])
@@ -101,7 +102,7 @@ def evaluate(
     mig_start = np.full(n, -1, dtype=np.int64)
     parts: dict[str, np.ndarray] = {}
     lend, borrowed = _borrowing(snapshot, rows, demand, policy, reasons)
-    ok = np.flatnonzero((reasons == Reason.FITS) & ~borrowed)
+    ok = np.flatnonzero((reasons == FITS) & ~borrowed)
     if score and len(ok):
         candidates = Candidates(snapshot, rows[ok], demand, shapes)
         total = np.zeros(candidates.valid.shape)
@@ -129,7 +130,7 @@ def evaluate(
 
 
 # GPU capacity rejections that measured idle capacity can cure.
-_CAPACITY_REASONS = (Reason.NO_GPU_SHARE, Reason.GPUS_BUSY)
+_CAPACITY_REASONS = (int(Reason.NO_GPU_SHARE), int(Reason.GPUS_BUSY))
 
 
 def _borrowing(
@@ -143,10 +144,10 @@ def _borrowing(
     lend = borrowable_gpus(snapshot, rows, demand, overcommit) & ~usable_gpus(snapshot, rows, demand)
     can_borrow = lend.any(axis=1)
     cured = can_borrow & np.isin(reasons, _CAPACITY_REASONS)
-    reasons[cured] = Reason.FITS
+    reasons[cured] = FITS
     borrowed = cured
     if overcommit.prefer == "borrow":
-        borrowed = can_borrow & (reasons == Reason.FITS)
+        borrowed = can_borrow & (reasons == FITS)
     return lend, borrowed
 
 
@@ -209,35 +210,36 @@ def extender_scores(evaluation: Evaluation, mode: str = "rank") -> np.ndarray:
 
 def assign(snapshot: ClusterSnapshot, demand: Demand, evaluation: Evaluation, index: int) -> Assignment:
     """The concrete resources for the placement at `index` of an evaluation (which must be feasible)."""
-    if evaluation.reasons[index] != Reason.FITS:
+    if evaluation.reasons[index] != FITS:
         raise ValueError("cannot assign an infeasible placement")
     row = int(evaluation.rows[index])
-    node = snapshot.names[row]
-    base = Assignment(node=node, cpu_milli=demand.cpu_milli, memory_mib=demand.memory_mib, guarded=demand.guards_gpu)
+    # Built once with all its fields: `dataclasses.replace` costs more than the rest of this function.
+    common = {
+        "node": snapshot.names[row],
+        "cpu_milli": demand.cpu_milli,
+        "memory_mib": demand.memory_mib,
+        "guarded": demand.guards_gpu,
+    }
     kind = demand.kind
     if kind is DemandKind.NONE:
-        return base
+        return Assignment(**common)
     column = int(evaluation.choice[index])
     if kind is DemandKind.MIG:
         start = int(evaluation.mig_start[index])
         if column < 0 or start < 0:
             raise ValueError("evaluation was not scored; cannot choose a MIG slot")
         assert demand.mig_profile is not None
-        return replace(base, mig=MigPlacement(gpu=column, profile=demand.mig_profile, start=start))
+        return Assignment(**common, mig=MigPlacement(gpu=column, profile=demand.mig_profile, start=start))
     borrowed = evaluation.is_borrowed(index)
     if kind is DemandKind.SHARE or borrowed:
         if column < 0:
             raise ValueError("evaluation was not scored; cannot choose a GPU")
-        return replace(
-            base,
-            gpus=(column,),
-            milli=demand.gpu_milli,
-            gpu_memory_mib=demand.gpu_memory_mib,
-            borrowed=borrowed,
+        return Assignment(
+            **common, gpus=(column,), milli=demand.gpu_milli, gpu_memory_mib=demand.gpu_memory_mib, borrowed=borrowed
         )
     usable = np.flatnonzero(usable_gpus(snapshot, np.array([row]), demand)[0])
     gpus = tuple(int(g) for g in usable[: demand.gpu_count])
-    return replace(base, gpus=gpus, milli=MILLI_PER_GPU, gpu_memory_mib=demand.gpu_memory_mib)
+    return Assignment(**common, gpus=gpus, milli=MILLI_PER_GPU, gpu_memory_mib=demand.gpu_memory_mib)
 
 
 def place_on_node(

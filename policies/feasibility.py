@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import IntEnum
+from functools import lru_cache
 
 import numpy as np
 
@@ -46,15 +47,25 @@ REASON_TEXT: dict[Reason, str] = {
 }
 
 
+FITS = int(Reason.FITS)
+"""`Reason.FITS` as a plain int: numpy compares an enum member through slow attribute lookups on every call."""
+
+
 def is_resolvable(reason: Reason) -> bool:
     """Whether preemption could make the node fit (the node has the hardware, others hold it)."""
     return reason >= _RESOLVABLE_FROM
 
 
 def model_mask(snapshot: ClusterSnapshot, demand: Demand) -> np.ndarray:
-    """bool [M + 1]: which GPU models (last entry: no GPU) the demand accepts."""
-    allowed = [model_allowed(m, demand.allowed_models) for m in snapshot.models]
-    return np.array([*allowed, False], dtype=bool)
+    """bool [M + 1]: which GPU models (last entry: no GPU) the demand accepts (read-only)."""
+    return _model_mask(snapshot.models, demand.allowed_models)
+
+
+@lru_cache(maxsize=256)
+def _model_mask(models: tuple[str, ...], allowed: frozenset[str]) -> np.ndarray:
+    mask = np.array([*(model_allowed(m, allowed) for m in models), False], dtype=bool)
+    mask.flags.writeable = False
+    return mask
 
 
 def mig_starts(snapshot: ClusterSnapshot, row: int, gpu: int, profile: str) -> list[int]:
@@ -102,38 +113,42 @@ def feasibility(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand) -> 
 
     Checks are ordered so the reported reason is the most permanent one: hardware before capacity.
     """
-    reasons = np.zeros(len(rows), dtype=np.uint8)
-
-    def reject(mask: np.ndarray, reason: Reason) -> None:
-        reasons[(reasons == 0) & mask] = reason
-
+    checks: list[tuple[np.ndarray, Reason]] = []  # (rows failing, why), most permanent first
     kind = demand.kind
-    if kind in (DemandKind.WHOLE, DemandKind.SHARE):
+    if kind is DemandKind.WHOLE or kind is DemandKind.SHARE:
         present = snapshot.gpu_present[rows]
-        reject(~present.any(axis=1), Reason.NO_GPU)
-        reject(~model_mask(snapshot, demand)[snapshot.model_id[rows]], Reason.GPU_MODEL)
-        reject(present.sum(axis=1) < demand.gpu_count, Reason.TOO_FEW_GPUS)
+        gpus = present.sum(axis=1)
+        checks.append((gpus == 0, Reason.NO_GPU))
+        checks.append((~model_mask(snapshot, demand)[snapshot.model_id[rows]], Reason.GPU_MODEL))
+        checks.append((gpus < demand.gpu_count, Reason.TOO_FEW_GPUS))
         if demand.gpu_memory_mib:
             big_enough = present & (snapshot.gpu_mem_total[rows] >= demand.gpu_memory_mib)
-            reject(big_enough.sum(axis=1) < demand.gpu_count, Reason.GPU_MEMORY_TOO_SMALL)
+            checks.append((big_enough.sum(axis=1) < demand.gpu_count, Reason.GPU_MEMORY_TOO_SMALL))
     elif kind is DemandKind.MIG:
         assert demand.mig_profile is not None
-        known, _ = mig_slots(snapshot, rows, demand.mig_profile)
-        reject(~known.any(axis=1), Reason.NO_MIG_PROFILE)
-        reject(~model_mask(snapshot, demand)[snapshot.model_id[rows]], Reason.GPU_MODEL)
+        known, free = mig_slots(snapshot, rows, demand.mig_profile)
+        checks.append((~known.any(axis=1), Reason.NO_MIG_PROFILE))
+        checks.append((~model_mask(snapshot, demand)[snapshot.model_id[rows]], Reason.GPU_MODEL))
 
-    reject(snapshot.cpu_free[rows] < demand.cpu_milli, Reason.CPU)
-    reject(snapshot.mem_free[rows] < demand.memory_mib, Reason.MEMORY)
+    checks.append((snapshot.cpu_free[rows] < demand.cpu_milli, Reason.CPU))
+    checks.append((snapshot.mem_free[rows] < demand.memory_mib, Reason.MEMORY))
 
     if kind is DemandKind.WHOLE or kind is DemandKind.SHARE:
         usable = usable_gpus(snapshot, rows, demand)
         reason = Reason.GPUS_BUSY if kind is DemandKind.WHOLE else Reason.NO_GPU_SHARE
-        reject(usable.sum(axis=1) < demand.gpu_count, reason)
+        checks.append((usable.sum(axis=1) < demand.gpu_count, reason))
     elif kind is DemandKind.MIG:
-        assert demand.mig_profile is not None
-        _, free = mig_slots(snapshot, rows, demand.mig_profile)
-        reject(~free.any(axis=1), Reason.MIG_SLICES_BUSY)
-    return reasons
+        checks.append((~free.any(axis=1), Reason.MIG_SLICES_BUSY))
+    return _first_failed(checks, len(rows))
+
+
+def _first_failed(checks: list[tuple[np.ndarray, Reason]], n: int) -> np.ndarray:
+    """Per row, the reason of the first check it fails, `Reason.FITS` where it passes them all. One stacked
+    operation instead of one masked update per check: on the few rows a reused evaluation redoes, each numpy call
+    costs more than its data."""
+    failed = np.stack([*(mask for mask, _ in checks), np.ones(n, dtype=bool)])  # the last row: passed every check
+    codes = np.array([*(int(reason) for _, reason in checks), FITS], dtype=np.uint8)
+    return codes[failed.argmax(axis=0)]  # argmax finds the first True
 
 
 def usable_gpus(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand) -> np.ndarray:

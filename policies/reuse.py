@@ -96,7 +96,7 @@ class EvaluationCache:
             if score:
                 stale |= _stale(entry.scored[rows], version, generation)
             if stale.any():
-                redo = np.unique(rows[stale])
+                redo = rows[stale]  # a name asked twice is evaluated twice, to the same result
                 fresh = compute(redo, score)
                 entry.reasons[redo] = fresh.reasons
                 entry.stamp[redo] = generation

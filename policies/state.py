@@ -6,8 +6,8 @@ Decisions read a snapshot only. The live model and the simulator both mutate a `
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
@@ -76,17 +76,10 @@ class ClusterSnapshot:
 
 MIG_TABLE_NAMES: tuple[str, ...] = tuple(MIG_TABLES)
 
-# The columns `apply`/`release` edit in place: a snapshot needs its own copy of these.
-_CHANGED_IN_PLACE = (
-    "cpu_free",
-    "mem_free",
-    "gpu_free",
-    "gpu_mem_free",
-    "gpu_borrowed",
-    "gpu_guarded",
-    "mig_occupied",
-    "row_version",
-)
+def _read_only_copy(column: np.ndarray) -> np.ndarray:
+    copy = column.copy()
+    copy.flags.writeable = False
+    return copy
 
 
 class ClusterState:
@@ -249,6 +242,16 @@ class ClusterState:
 
     def view(self) -> ClusterSnapshot:
         """A snapshot that shares this state's arrays: for a single-threaded caller (the simulator)."""
+        return self._as_snapshot(lambda column: column)
+
+    def snapshot(self) -> ClusterSnapshot:
+        """An independent read-only copy, safe to hand to concurrent request handlers. Columns that only a new node
+        set or new telemetry replace (never edit in place) are shared, read-only; the rest are copied."""
+        return self._as_snapshot(_read_only_copy)
+
+    def _as_snapshot(self, edited: Callable[[np.ndarray], np.ndarray]) -> ClusterSnapshot:
+        """The state as a snapshot; `edited` turns each column that `apply`/`release` edit in place into what the
+        snapshot holds of it."""
         return ClusterSnapshot(
             generation=self._generation,
             names=self._names,
@@ -258,28 +261,17 @@ class ClusterState:
             model_id=self.model_id,
             cpu_total=self.cpu_total,
             mem_total=self.mem_total,
-            cpu_free=self.cpu_free,
-            mem_free=self.mem_free,
+            cpu_free=edited(self.cpu_free),
+            mem_free=edited(self.mem_free),
             gpu_present=self.gpu_present,
-            gpu_free=self.gpu_free,
+            gpu_free=edited(self.gpu_free),
             gpu_mem_total=self.gpu_mem_total,
-            gpu_mem_free=self.gpu_mem_free,
+            gpu_mem_free=edited(self.gpu_mem_free),
             gpu_util=self.gpu_util,
-            gpu_borrowed=self.gpu_borrowed,
-            gpu_guarded=self.gpu_guarded,
+            gpu_borrowed=edited(self.gpu_borrowed),
+            gpu_guarded=edited(self.gpu_guarded),
             mig_table=self.mig_table,
-            mig_occupied=self.mig_occupied,
-            row_version=self.row_version,
+            mig_occupied=edited(self.mig_occupied),
+            row_version=edited(self.row_version),
             mig_layout=MappingProxyType(self._mig_layout),
         )
-
-    def snapshot(self) -> ClusterSnapshot:
-        """An independent read-only copy, safe to hand to concurrent request handlers. Columns that only a new node
-        set or new telemetry replace (never edit in place) are shared, read-only; the rest are copied."""
-        shared = self.view()
-        copies = {}
-        for name in _CHANGED_IN_PLACE:
-            array = getattr(shared, name).copy()
-            array.flags.writeable = False
-            copies[name] = array
-        return replace(shared, **copies)

@@ -21,7 +21,7 @@ import numpy as np
 from policies.config import PlacementPolicy
 from policies.demand import Demand
 from policies.engine import Evaluation, assign, evaluate, extender_scores, place_on_node
-from policies.feasibility import REASON_TEXT, Reason, is_resolvable, may_borrow
+from policies.feasibility import FITS, REASON_TEXT, Reason, is_resolvable, may_borrow
 from policies.fragmentation import TypicalShapes
 from policies.inventory import Assignment, NodeInventory
 from policies.reuse import EvaluationCache
@@ -308,11 +308,12 @@ class PlacementService:
         The other nodes are left out of the answer, feasible or not (`_outcome`): kube-scheduler gives a node an
         extender leaves out the status unschedulable-and-unresolvable, as listing it would, and is spared decoding
         thousands of entries per pod. A pod that fits nowhere never gets here: it gets every node's reason."""
-        evaluation = self._scored(decision)
-        at = evaluation.shortlist(limit)
+        assert decision.scored  # a shortlisting filter scores as it evaluates
+        at = decision.evaluation.shortlist(limit)
         if limit == 1:
-            self._hold_best(uid, decision.policy, assign(decision.snapshot, decision.demand, evaluation, int(at[0])))
-        kept = replace(decision, evaluation=evaluation, scored=True).part(at, [decision.known[i] for i in at.tolist()])
+            placement = assign(decision.snapshot, decision.demand, decision.evaluation, int(at[0]))
+            self._hold_best(uid, decision.policy, placement)
+        kept = decision.part(at, [decision.known[i] for i in at.tolist()])
         return replace(outcome, passed=kept.names, decision=kept)
 
     def prepare_prioritize(self, pod: Mapping[str, Any], outcome: FilterOutcome) -> None:
@@ -501,18 +502,18 @@ def _outcome(decision: _Decision, name_failures: bool = True) -> FilterOutcome:
     the decision itself). Without `name_failures`, rejected nodes are counted by reason but not listed: a
     shortlisting filter that passes a node leaves the rest out, and kube-scheduler binds the node it passed
     without looking at why the others failed."""
-    known, reasons = decision.known, decision.evaluation.reasons
-    fits = reasons == Reason.FITS
-    outcome = FilterOutcome(passed=list(compress(known, fits.tolist())), decision=decision)
-    if not fits.all():
-        codes, counts = np.unique(reasons[~fits], return_counts=True)
-        for code, count in zip(codes.tolist(), counts.tolist(), strict=True):
-            text, resolvable = _VERDICTS[code]
-            outcome.reasons[text] += count
-            if name_failures:
-                (outcome.failed if resolvable else outcome.unresolvable).update(
-                    dict.fromkeys(compress(known, (reasons == code).tolist()), text)
-                )
+    known, evaluation = decision.known, decision.evaluation
+    outcome = FilterOutcome(passed=list(compress(known, evaluation.feasible.tolist())), decision=decision)
+    counts = np.bincount(evaluation.reasons)
+    for code in np.flatnonzero(counts).tolist():
+        if code == FITS:
+            continue
+        text, resolvable = _VERDICTS[code]
+        outcome.reasons[text] += int(counts[code])
+        if name_failures:
+            (outcome.failed if resolvable else outcome.unresolvable).update(
+                dict.fromkeys(compress(known, (evaluation.reasons == code).tolist()), text)
+            )
     if decision.unknown:
         outcome.reasons[UNKNOWN_NODE] += len(decision.unknown)
         if name_failures:
