@@ -102,7 +102,8 @@ def evaluate(
     mig_start = np.full(n, -1, dtype=np.int64)
     parts: dict[str, np.ndarray] = {}
     lend, borrowed = _borrowing(snapshot, rows, demand, policy, reasons)
-    ok = np.flatnonzero((reasons == FITS) & ~borrowed)
+    fits = reasons == FITS
+    ok = np.flatnonzero(fits if borrowed is None else fits & ~borrowed)
     if score and len(ok):
         candidates = Candidates(snapshot, rows[ok], demand, shapes)
         total = np.zeros(candidates.valid.shape)
@@ -124,7 +125,7 @@ def evaluate(
             full = np.full(n, np.nan)
             full[ok] = np.broadcast_to(value, total.shape)[picked, best_col]
             parts[name] = full
-    if score and borrowed.any():
+    if score and borrowed is not None and borrowed.any():
         _score_borrowed(snapshot, rows, lend, borrowed, policy, scores, choice, parts if components else None)
     return Evaluation(rows, reasons, scores, choice, mig_start, parts, borrowed)
 
@@ -135,12 +136,13 @@ _CAPACITY_REASONS = (int(Reason.NO_GPU_SHARE), int(Reason.GPUS_BUSY))
 
 def _borrowing(
     snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, policy: PlacementPolicy, reasons: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """GPUs that lend to the demand ([R, G]) and the rows placed on borrowed capacity ([R]); marks cured rows
-    feasible in `reasons`. Only GPUs whose allocation cannot hold the share lend: free allocation is used first."""
+) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """GPUs that lend to the demand ([R, G]) and the rows placed on borrowed capacity ([R]), None for a demand that
+    may not borrow; marks cured rows feasible in `reasons`. Only GPUs whose allocation cannot hold the share lend:
+    free allocation is used first."""
     overcommit = policy.overcommit
     if not may_borrow(demand, overcommit):
-        return np.zeros((len(rows), 0), dtype=bool), np.zeros(len(rows), dtype=bool)
+        return None, None
     lend = borrowable_gpus(snapshot, rows, demand, overcommit) & ~usable_gpus(snapshot, rows, demand)
     can_borrow = lend.any(axis=1)
     cured = can_borrow & np.isin(reasons, _CAPACITY_REASONS)

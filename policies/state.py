@@ -76,6 +76,7 @@ class ClusterSnapshot:
 
 MIG_TABLE_NAMES: tuple[str, ...] = tuple(MIG_TABLES)
 
+
 def _read_only_copy(column: np.ndarray) -> np.ndarray:
     copy = column.copy()
     copy.flags.writeable = False

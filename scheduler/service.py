@@ -28,7 +28,7 @@ from policies.reuse import EvaluationCache
 from policies.state import ClusterSnapshot, ClusterState, ConflictError
 from scheduler.annotations import assignment_annotations
 from scheduler.model import ClusterModel
-from scheduler.podspec import demand_from_pod
+from scheduler.podspec import cached_demand
 from scheduler.telemetry import RecentBindings
 
 log = logging.getLogger("gpu_extender.decisions")
@@ -218,7 +218,7 @@ class PlacementService:
     # -- read-only verbs ---------------------------------------------------------------------------------
     def demand(self, pod: Mapping[str, Any]) -> Demand:
         """Parse (and remember, for bind) what a pod asks for. Raises PodSpecError on a malformed pod."""
-        demand = demand_from_pod(dict(pod))
+        demand = cached_demand(dict(pod))  # replicas of one workload ask the same
         uid = pod_uid(pod)
         self._demands[uid] = demand
         self._demands.move_to_end(uid)
