@@ -26,6 +26,8 @@ class Weights(_Strict):
     packing: float = Field(0.01, ge=0)  # below one fragmentation step (0.04): it only breaks ties
     mig_fit: float = Field(1.0, ge=0, alias="migFit")
     utilization: float = Field(0.0, ge=0)
+    # Below packing's step too: among placements equal in every other score, the node with fewer GPUs.
+    small_nodes: float = Field(0.001, ge=0, alias="smallNodes")
 
 
 class ShapeSpec(_Strict):

@@ -129,6 +129,14 @@ def utilization_score(c: Candidates) -> np.ndarray:
     return np.broadcast_to(np.nan_to_num(headroom, nan=0.5), c.valid.shape)
 
 
+def small_node_score(c: Candidates) -> np.ndarray:
+    """0..1, higher on nodes with fewer GPUs: at a small weight, ties go to small nodes, and large ones stay whole
+    for the multi-GPU pods only they can hold."""
+    gpus = c.snapshot.gpu_present[c.rows] | (c.snapshot.mig_table[c.rows] >= 0)
+    width = gpus.shape[1]
+    return np.broadcast_to((1.0 - gpus.sum(axis=1) / max(width, 1))[:, None], c.valid.shape)
+
+
 FRAGMENTATION_SCORERS = {"steps": fragmentation_steps_score, "exact": fragmentation_score}
 
 SCORERS = {
@@ -137,4 +145,5 @@ SCORERS = {
     "packing": packing_score,
     "mig_fit": mig_fit_score,
     "utilization": utilization_score,
+    "small_nodes": small_node_score,
 }

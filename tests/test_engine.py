@@ -58,3 +58,22 @@ def test_unscored_evaluation_only_filters():
     state = ClusterState([node("a", gpus=1)])
     ev = evaluate(state.view(), WHOLE, np.arange(1), POLICY, SHAPES, score=False)
     assert ev.feasible.all() and np.isneginf(ev.scores).all()
+
+
+def test_equal_placements_go_to_the_node_with_fewer_gpus():
+    """A one-GPU pod changes neither node's fragmentation for one-GPU typical pods, and both are idle: the tie goes
+    to the two-GPU node, keeping the eight-GPU one whole; without the small-node weight, to the first node."""
+    from policies.scoring import Candidates, small_node_score
+
+    state = ClusterState([node("eight", gpus=8), node("two", gpus=2), node("cpu")])
+    snap = state.view()
+    shapes = typical_shapes([WHOLE])
+    width = snap.gpu_present.shape[1]
+    values = small_node_score(Candidates(snap, np.arange(3), WHOLE, shapes))[:, 0]
+    assert values.tolist() == [1 - 8 / width, 1 - 2 / width, 1.0]
+
+    ev = evaluate(snap, WHOLE, np.arange(2), POLICY, shapes)
+    assert snap.names[ev.rows[ev.best()]] == "two"
+    no_tie_break = PlacementPolicy.model_validate({"weights": {"smallNodes": 0}})
+    ev = evaluate(snap, WHOLE, np.arange(2), no_tie_break, shapes)
+    assert snap.names[ev.rows[ev.best()]] == "eight"
