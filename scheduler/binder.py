@@ -1,8 +1,9 @@
-"""Binding a pod to a node: annotate it with the assignment, then create its `Binding`.
+"""Binding a pod to a node: one `Binding` that carries the assignment annotations.
 
-The annotations go first so that whoever sees the pod bound (the device plugin, the node agent, our own watch)
-already sees which GPUs it holds. Both steps are safe to repeat: kube-scheduler retries a failed bind, and a
-binding that already points at the same node counts as done.
+The API server copies a Binding's annotations onto the pod in the same write that sets its node, so whoever sees
+the pod bound (the device plugin, the node agent, our own watch) already sees which GPUs it holds. The write is
+safe to repeat: kube-scheduler retries a failed bind, and a binding that already points at the same node counts as
+done.
 """
 
 from __future__ import annotations

@@ -52,6 +52,15 @@ def test_a_bursty_replica_neither_borrows_nor_lends() -> None:
     assert declared_busy(trace(busy), 10)[0] == np.float64(0.95)
     assert result.gpus_peak == 2  # the calm pair shares; the bursty pod stays alone
     assert result.shared_hot_share == 0 and result.hot_share > 0
+    assert result.colocated_hot_share == 0  # its bursts slow nobody down
+
+
+def test_time_above_90_percent_on_a_shared_gpu_counts_as_co_located() -> None:
+    busy = np.full((60, 2), 0.1)
+    busy[40:45] = 0.5  # calm in their history, then both at half the GPU at once: 100 % together
+    result = run(trace(busy), SHARING)
+    assert result.gpus_peak == 1
+    assert result.colocated_hot_share == result.shared_hot_share == result.hot_share > 0
 
 
 def test_memory_is_never_lent() -> None:

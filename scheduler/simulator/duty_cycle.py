@@ -19,7 +19,8 @@ many GPUs the pods occupy and how busy those are.
 
 Printed per arm: GPUs in use (time mean and peak), the mean busy fraction of occupied GPUs, and the share of
 occupied GPU-time above 90 % busy (the risk that co-located replicas slow each other down), split into time one
-tenant was above 90 % on its own and time only the sum of tenants was. Then the most any placement could
+tenant was above 90 % on its own and time only the sum of tenants was, and the part of it on GPUs that held two
+tenants or more ('co-located': the only time one replica can slow another down). Then the most any placement could
 consolidate while keeping every pod's declared memory: first-fit decreasing of the pods alive at each step.
 """
 
@@ -95,6 +96,7 @@ class ArmResult:
     busy_mean: float
     hot_share: float  # occupied GPU-time above 90 % busy
     shared_hot_share: float  # of it, time no single tenant was above 90 % on its own (caused by sharing)
+    colocated_hot_share: float  # of it, time on GPUs holding two tenants or more (where one can slow another)
 
 
 def arrival_steps(trace: DutyTrace, start: int) -> np.ndarray:
@@ -162,7 +164,7 @@ def replay(
     tenants: dict[int, tuple[int, int]] = {}  # pod -> (row, GPU)
     bound_at: dict[int, int] = {}
     placed = failed = 0
-    gpu_steps = hot_steps = shared_hot_steps = 0
+    gpu_steps = hot_steps = shared_hot_steps = colocated_hot_steps = 0
     busy_sum = 0.0
     peak = 0
     for t in range(start, trace.steps):
@@ -200,9 +202,10 @@ def replay(
             load[row, gpu] += trace.busy[t, pod]
             solo[row, gpu] = max(solo[row, gpu], trace.busy[t, pod])
         history[t % window] = np.minimum(load, 1.0)
-        occupied = np.zeros(shape, dtype=bool)
+        residents = np.zeros(shape, dtype=np.int64)
         for row, gpu in tenants.values():
-            occupied[row, gpu] = True
+            residents[row, gpu] += 1
+        occupied = residents > 0
         count = int(occupied.sum())
         peak = max(peak, count)
         gpu_steps += count
@@ -210,6 +213,7 @@ def replay(
         hot = load[occupied] > INTERFERENCE_BUSY
         hot_steps += int(hot.sum())
         shared_hot_steps += int((hot & (solo[occupied] <= INTERFERENCE_BUSY)).sum())
+        colocated_hot_steps += int((hot & (residents[occupied] > 1)).sum())
     measured = trace.steps - start
     return ArmResult(
         name,
@@ -220,6 +224,7 @@ def replay(
         busy_mean=busy_sum / max(gpu_steps, 1),
         hot_share=hot_steps / max(gpu_steps, 1),
         shared_hot_share=shared_hot_steps / max(gpu_steps, 1),
+        colocated_hot_share=colocated_hot_steps / max(gpu_steps, 1),
     )
 
 
@@ -276,12 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     base = results[0].busy_mean
     header = f"{'policy':<44} {'placed':>6} {'failed':>6} {'GPUs mean':>9} {'peak':>5} {'busy':>6} {'x':>5}"
-    print(f"{header} {'>90%':>6} {'alone':>6} {'shared':>6}")
+    print(f"{header} {'>90%':>6} {'alone':>6} {'shared':>6} {'co-located':>10}")
     for r in results:
         print(
             f"{r.name:<44} {r.placed:>6} {r.failed:>6} {r.gpus_mean:>9.1f} {r.gpus_peak:>5} "
             f"{r.busy_mean:>6.3f} {r.busy_mean / base:>5.2f} {r.hot_share:>6.2%} "
-            f"{r.hot_share - r.shared_hot_share:>6.2%} {r.shared_hot_share:>6.2%}"
+            f"{r.hot_share - r.shared_hot_share:>6.2%} {r.shared_hot_share:>6.2%} {r.colocated_hot_share:>10.2%}"
         )
     print(
         f"'alone': above 90 % because one tenant was, whatever shares its GPU; it grows as the same spikes fall on "
