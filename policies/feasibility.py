@@ -144,7 +144,7 @@ def feasibility(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand) -> 
 
 def _first_failed(checks: list[tuple[np.ndarray, Reason]], n: int) -> np.ndarray:
     """Per row, the reason of the first check it fails, `Reason.FITS` where it passes them all."""
-    failed = np.stack([*(mask for mask, _ in checks), np.ones(n, dtype=bool)])  # the last row: passed every check
+    failed = np.array([*(mask for mask, _ in checks), np.ones(n, dtype=bool)])  # the last row: passed every check
     codes = np.array([*(int(reason) for _, reason in checks), FITS], dtype=np.uint8)
     return codes[failed.argmax(axis=0)]  # argmax finds the first True
 

@@ -144,7 +144,7 @@ def _after(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: 
     after = before - demand.gpu_milli
     count_j = count[:, None, :] - (before >= m) + (after >= m)  # [R, G, S]
     below_j = below[:, None, :] - np.where(before < m, before, 0) + np.where(after < m, after, 0)
-    idle_j = np.broadcast_to((idle - demand.gpu_milli)[:, None], free.shape)
+    idle_j = (idle - demand.gpu_milli)[:, None]  # [R, 1]: the same whichever GPU takes the share
     frag = _combine(count_j, below_j, idle_j, cpu_after[:, None], accessible[:, None, :], shapes)
     return np.where(free >= demand.gpu_milli, frag, np.inf)
 

@@ -1,4 +1,5 @@
-"""Soft preferences among feasible placements. Each scorer returns [R, C] values, higher is better.
+"""Soft preferences among feasible placements. Each scorer returns [R, C] values, higher is better, or [R, 1]
+when a node's value is the same for all its columns (the caller broadcasts it).
 
 Columns are the candidate placements on a node: one per GPU for a GPU share or a MIG instance (the pod goes on
 that GPU), a single column otherwise. Invalid columns are masked by the caller.
@@ -94,7 +95,7 @@ def best_fit_score(c: Candidates) -> np.ndarray:
         # Among GPUs of one node, the tightest fit leaves the largest whole pieces elsewhere.
         tight = (snap.gpu_free[c.rows] - c.demand.gpu_milli) / MILLI_PER_GPU
         return node[:, None] - 1e-3 * tight
-    return np.broadcast_to(node[:, None], c.valid.shape)
+    return node[:, None]
 
 
 def packing_score(c: Candidates) -> np.ndarray:
@@ -102,11 +103,9 @@ def packing_score(c: Candidates) -> np.ndarray:
     snap = c.snapshot
     free = snap.gpu_free[c.rows]
     present = snap.gpu_present[c.rows]
-    node_used = ((free < MILLI_PER_GPU) & present).any(axis=1) | (snap.cpu_free[c.rows] < snap.cpu_total[c.rows])
-    score = np.broadcast_to(node_used[:, None].astype(np.float64), c.valid.shape).copy()
-    if c.demand.kind is DemandKind.SHARE:
-        score += (free < MILLI_PER_GPU) & present
-    return score
+    gpu_used = (free < MILLI_PER_GPU) & present
+    node_used = (gpu_used.any(axis=1) | (snap.cpu_free[c.rows] < snap.cpu_total[c.rows]))[:, None].astype(np.float64)
+    return node_used + gpu_used if c.demand.kind is DemandKind.SHARE else node_used
 
 
 def mig_fit_score(c: Candidates) -> np.ndarray:
@@ -126,7 +125,7 @@ def utilization_score(c: Candidates) -> np.ndarray:
         with np.errstate(all="ignore"):
             headroom = 1.0 - np.nanmean(np.where(c.snapshot.gpu_present[c.rows], util, np.nan), axis=1)
         headroom = headroom[:, None]
-    return np.broadcast_to(np.nan_to_num(headroom, nan=0.5), c.valid.shape)
+    return np.nan_to_num(headroom, nan=0.5)
 
 
 def small_node_score(c: Candidates) -> np.ndarray:
@@ -134,7 +133,7 @@ def small_node_score(c: Candidates) -> np.ndarray:
     for the multi-GPU pods only they can hold."""
     gpus = c.snapshot.gpu_present[c.rows] | (c.snapshot.mig_table[c.rows] >= 0)
     width = gpus.shape[1]
-    return np.broadcast_to((1.0 - gpus.sum(axis=1) / max(width, 1))[:, None], c.valid.shape)
+    return (1.0 - gpus.sum(axis=1) / max(width, 1))[:, None]
 
 
 FRAGMENTATION_SCORERS = {"steps": fragmentation_steps_score, "exact": fragmentation_score}
