@@ -170,15 +170,15 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderA
             return filter_result(outcome.passed, outcome.failed, outcome.unresolvable)
 
         payload = _answer("filter", call, lambda error: filter_result([], error=error))
-        if not outcomes or len(outcomes[0].passed) < 2:
+        if not outcomes or not outcomes[0].passed:
             return payload, None
-        return payload, lambda: _prepare(args.Pod, outcomes[0])
+        return payload, lambda: _after_filter(args.Pod, outcomes[0])
 
-    def _prepare(pod: dict[str, Any], outcome: FilterOutcome) -> None:
+    def _after_filter(pod: dict[str, Any], outcome: FilterOutcome) -> None:
         try:
-            service.prepare_prioritize(pod, outcome)
-        except Exception:  # only an optimisation: prioritize computes its answer itself if this did not
-            log.exception("scoring ahead of prioritize failed")
+            service.after_filter(pod, outcome)
+        except Exception:  # only saves work: prioritize scores and bind places the pod themselves if this did not
+            log.exception("work after filter's answer failed")
 
     def prioritize(args: ExtenderArgs) -> Any:
         names = args.node_names()
@@ -197,7 +197,7 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderA
         return _answer("bind", call, lambda error: ExtenderBindingResult(Error=error).model_dump())
 
     async def filter_verb(body: bytes) -> Reply:
-        # Scoring the passed names waits until the answer is sent: see PlacementService.prepare_prioritize.
+        # Scoring or holding what passed waits until the answer is sent: see PlacementService.after_filter.
         return _reply(body, ExtenderArgs, filter_)
 
     async def prioritize_verb(body: bytes) -> Reply:

@@ -80,6 +80,7 @@ class FilterOutcome:
     unresolvable: dict[str, str] = field(default_factory=dict)
     reasons: Counter[str] = field(default_factory=Counter)
     decision: _Decision | None = field(default=None, repr=False, compare=False)
+    shortlisted: bool = False  # only the best-scored feasible nodes passed (`decision` covers just those)
 
 
 @dataclass(frozen=True)
@@ -298,30 +299,37 @@ class PlacementService:
                 extra={"pod": f"{meta.get('namespace')}/{meta.get('name')}", "reasons": dict(outcome.reasons)},
             )
         if limit and len(outcome.passed) > limit:
-            return self._shortlist(uid, decision, outcome, limit)
+            return self._shortlist(decision, outcome, limit)
         return outcome
 
-    def _shortlist(self, uid: str, decision: _Decision, outcome: FilterOutcome, limit: int) -> FilterOutcome:
-        """Let through only the `limit` best-scored feasible nodes, best first. A single node gets no prioritize
-        call, so filter then holds its placement until bind (`assumeBest`), as prioritize would.
+    def _shortlist(self, decision: _Decision, outcome: FilterOutcome, limit: int) -> FilterOutcome:
+        """Let through only the `limit` best-scored feasible nodes, best first.
 
         The other nodes are left out of the answer, feasible or not (`_outcome`): kube-scheduler gives a node an
         extender leaves out the status unschedulable-and-unresolvable, as listing it would, and is spared decoding
         thousands of entries per pod. A pod that fits nowhere never gets here: it gets every node's reason."""
         assert decision.scored  # a shortlisting filter scores as it evaluates
         at = decision.evaluation.shortlist(limit)
-        if limit == 1:
-            placement = assign(decision.snapshot, decision.demand, decision.evaluation, int(at[0]))
-            self._hold_best(uid, decision.policy, placement)
         kept = decision.part(at, [decision.known[i] for i in at.tolist()])
-        return replace(outcome, passed=kept.names, decision=kept)
+        return replace(outcome, passed=kept.names, decision=kept, shortlisted=True)
 
-    def prepare_prioritize(self, pod: Mapping[str, Any], outcome: FilterOutcome) -> None:
-        """Turn filter's evaluation into prioritize's answer before it is asked. kube-scheduler calls prioritize
-        next with exactly the names filter let through (not at all for a single one); done right after filter's
-        answer is sent, the work overlaps the scheduler's between the two calls."""
-        if outcome.decision is not None and len(outcome.passed) > 1:
-            self._score(pod_uid(pod), outcome.decision.feasible_part(outcome.passed))
+    def after_filter(self, pod: Mapping[str, Any], outcome: FilterOutcome) -> None:
+        """What filter's answer need not wait for, done right after it is sent: the scheduling loop waits on the
+        answer, and this overlaps what the scheduler does next.
+
+        Several nodes passed: kube-scheduler asks prioritize about exactly those next, so their answer is scored
+        ahead. A shortlist of one: kube-scheduler binds that node without asking prioritize, so its placement is
+        held until bind (`assumeBest`), as prioritize would hold it. Filter and prioritize are answered one at a
+        time on one event loop, so this runs before the next pod's filter is read; a bind that finds nothing held
+        decides the placement itself, against the reservations of the moment."""
+        decision = outcome.decision
+        if decision is None or not outcome.passed:
+            return
+        uid = pod_uid(pod)
+        if len(outcome.passed) > 1:
+            self._score(uid, decision.feasible_part(outcome.passed))
+        elif outcome.shortlisted:
+            self._hold_best(uid, decision.policy, assign(decision.snapshot, decision.demand, decision.evaluation, 0))
 
     def prioritize(self, pod: Mapping[str, Any], names: list[str]) -> list[tuple[str, int]]:
         """Scores 0..10 for `names`: the answer computed ahead when nothing it depends on has changed since,

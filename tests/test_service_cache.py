@@ -70,9 +70,9 @@ def services(policy: PlacementPolicy | None = None) -> tuple[PlacementService, P
 
 
 def filter_ahead(service: PlacementService, p: dict[str, Any], names: list[str]) -> list[str]:
-    """What the HTTP layer does on filter: answer, then score the passed names ahead of prioritize."""
+    """What the HTTP layer does on filter: answer, then the work after the answer (`after_filter`)."""
     outcome = service.filter(p, names)
-    service.prepare_prioritize(p, outcome)
+    service.after_filter(p, outcome)
     return outcome.passed
 
 

@@ -34,6 +34,7 @@ def test_a_shortlist_of_one_is_prioritizes_best_with_the_same_placement(name: st
         candidates = rng.sample(names, 30)
         expected = full.filter(p, candidates)
         outcome = short.filter(p, candidates)
+        short.after_filter(p, outcome)  # as the extender does once the answer is sent
         assert outcome.reasons == expected.reasons
         if expected.passed:  # kube-scheduler binds what passed: the rejected nodes are counted, not listed
             assert not outcome.failed and not outcome.unresolvable
@@ -62,7 +63,7 @@ def test_a_longer_shortlist_keeps_the_best_in_order_and_prioritize_agrees() -> N
     outcome = short.filter(p, names)
     assert outcome.passed == expected and len(raw) > 3
     assert short.model.assignment_of("p") is None, "prioritize, which is called next, holds the best"
-    short.prepare_prioritize(p, outcome)
+    short.after_filter(p, outcome)
     hits = short.score_cache.hits
     assert best_of(short.prioritize(p, outcome.passed)) == expected[0]
     assert short.score_cache.hits == hits + 1, "prioritize over the shortlist was scored ahead"
@@ -96,7 +97,9 @@ def test_without_assume_best_a_shortlist_holds_nothing() -> None:
     short = service({"extenderScoring": {"assumeBest": False}}, 1)
     p = pod("p", random.Random(4))
     ask_gpus(p, 1)
-    (best,) = short.filter(p, list(short.model.snapshot().names)).passed
+    outcome = short.filter(p, list(short.model.snapshot().names))
+    short.after_filter(p, outcome)
+    (best,) = outcome.passed
     assert short.model.assignment_of("p") is None
     assert bind(short, p, best).node == best
 
@@ -117,9 +120,14 @@ def test_filter_asked_again_for_the_same_pod_holds_one_placement() -> None:
     names = list(short.model.snapshot().names)
     p = pod("p", random.Random(4))
     ask_gpus(p, 2)
-    first = short.filter(p, names).passed
+    outcome = short.filter(p, names)
+    assert short.model.assignment_of("p") is None, "the placement is held once the answer is sent"
+    short.after_filter(p, outcome)
+    first = outcome.passed
     free = int(short.model.snapshot().gpu_free.sum())
-    again = short.filter(p, names).passed  # the scheduler retried the pod before binding it
+    outcome = short.filter(p, names)  # the scheduler retried the pod before binding it
+    short.after_filter(p, outcome)
+    again = outcome.passed
     assert again == first
     assert int(short.model.snapshot().gpu_free.sum()) == free, "the pod's earlier hold was given back first"
     assert short.model.assignment_of("p").node == first[0]  # type: ignore[union-attr]
