@@ -204,3 +204,17 @@ def test_filter_scores_the_passed_names_ahead_of_prioritize(client: TestClient) 
     scores = client.post("/prioritize", json=filter_args(pod, passed)).json()
     assert service.score_cache.hits == hits + 1
     assert [s["Host"] for s in scores] == passed and [s["Score"] for s in scores].count(10) == 1
+
+
+def test_a_shortlisting_filter_holds_its_node_once_answered_and_bind_takes_it() -> None:
+    policy = PlacementPolicy.model_validate({"extenderScoring": {"shortlist": 1}})
+    service = fleet_service(str(FLEET), policy)
+    client = TestClient(create_app(service, ExtenderMetrics(service.model)), raise_server_exceptions=False)
+    pod = gpu_pod({"nvidia.com/gpu": "1"}, uid="held")
+    (node,) = client.post("/filter", json=filter_args(pod)).json()["NodeNames"]
+    held = service.model.assignment_of("held")
+    assert held is not None and held.node == node, "held after the answer, before bind"
+    planned = service.score_cache.planned_hits
+    reply = client.post("/bind", json={"PodName": "p", "PodNamespace": "default", "PodUID": "held", "Node": node})
+    assert reply.json() == {"Error": ""}
+    assert service.model.assignment_of("held") == held and service.score_cache.planned_hits == planned + 1
