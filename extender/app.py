@@ -170,7 +170,7 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderA
             return filter_result(outcome.passed, outcome.failed, outcome.unresolvable)
 
         payload = _answer("filter", call, lambda error: filter_result([], error=error))
-        if not outcomes or not outcomes[0].passed:
+        if not outcomes:
             return payload, None
         return payload, lambda: _after_filter(args.Pod, outcomes[0])
 
@@ -197,7 +197,7 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderA
         return _answer("bind", call, lambda error: ExtenderBindingResult(Error=error).model_dump())
 
     async def filter_verb(body: bytes) -> Reply:
-        # Scoring or holding what passed waits until the answer is sent: see PlacementService.after_filter.
+        # Logging, scoring and holding wait until the answer is sent: see PlacementService.after_filter.
         return _reply(body, ExtenderArgs, filter_)
 
     async def prioritize_verb(body: bytes) -> Reply:

@@ -292,12 +292,6 @@ class PlacementService:
         decision = self._evaluate(pod, names, score=self.model.policy.extender_scoring.shortlist > 0)
         limit = decision.policy.extender_scoring.shortlist
         outcome = _outcome(decision, name_failures=not limit or not decision.evaluation.feasible.any())
-        if outcome.reasons:
-            meta = pod.get("metadata") or {}
-            log.info(
-                "rejected nodes",
-                extra={"pod": f"{meta.get('namespace')}/{meta.get('name')}", "reasons": dict(outcome.reasons)},
-            )
         if limit and len(outcome.passed) > limit:
             return self._shortlist(decision, outcome, limit)
         return outcome
@@ -317,11 +311,18 @@ class PlacementService:
         """What filter's answer need not wait for, done right after it is sent: the scheduling loop waits on the
         answer, and this overlaps what the scheduler does next.
 
-        Several nodes passed: kube-scheduler asks prioritize about exactly those next, so their answer is scored
-        ahead. A shortlist of one: kube-scheduler binds that node without asking prioritize, so its placement is
-        held until bind (`assumeBest`), as prioritize would hold it. Filter and prioritize are answered one at a
-        time on one event loop, so this runs before the next pod's filter is read; a bind that finds nothing held
-        decides the placement itself, against the reservations of the moment."""
+        The rejections are logged (a write the answer should not wait for). Several nodes passed: kube-scheduler
+        asks prioritize about exactly those next, so their answer is scored ahead. A shortlist of one:
+        kube-scheduler binds that node without asking prioritize, so its placement is held until bind
+        (`assumeBest`), as prioritize would hold it. Filter and prioritize are answered one at a time on one event
+        loop, so this runs before the next pod's filter is read; a bind that finds nothing held decides the
+        placement itself, against the reservations of the moment."""
+        if outcome.reasons:
+            meta = pod.get("metadata") or {}
+            log.info(
+                "rejected nodes",
+                extra={"pod": f"{meta.get('namespace')}/{meta.get('name')}", "reasons": dict(outcome.reasons)},
+            )
         decision = outcome.decision
         if decision is None or not outcome.passed:
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 
 import orjson
 import pytest
@@ -218,3 +219,14 @@ def test_a_shortlisting_filter_holds_its_node_once_answered_and_bind_takes_it() 
     reply = client.post("/bind", json={"PodName": "p", "PodNamespace": "default", "PodUID": "held", "Node": node})
     assert reply.json() == {"Error": ""}
     assert service.model.assignment_of("held") == held and service.score_cache.planned_hits == planned + 1
+
+
+def test_rejections_are_logged_with_the_pod_and_the_reasons(client: TestClient, caplog) -> None:
+    pod = gpu_pod({"nvidia.com/gpu": "16"}, uid="big")
+    pod["metadata"].update(namespace="team-a", name="trainer")
+    with caplog.at_level(logging.INFO, logger="gpu_extender"):
+        reply = client.post("/filter", json=filter_args(pod)).json()
+    assert reply["NodeNames"] == [] and reply["FailedAndUnresolvableNodes"]
+    (record,) = [r for r in caplog.records if r.getMessage() == "rejected nodes"]
+    assert record.pod == "team-a/trainer"  # type: ignore[attr-defined]
+    assert sum(record.reasons.values()) == 4  # type: ignore[attr-defined]  # every node asked about, by reason
