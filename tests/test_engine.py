@@ -77,3 +77,23 @@ def test_equal_placements_go_to_the_node_with_fewer_gpus():
     no_tie_break = PlacementPolicy.model_validate({"weights": {"smallNodes": 0}})
     ev = evaluate(snap, WHOLE, np.arange(2), no_tie_break, shapes)
     assert snap.names[ev.rows[ev.best()]] == "eight"
+
+
+def test_a_share_goes_to_the_gpu_it_fills_most_tightly_when_all_else_is_equal():
+    """GPUs 1 and 2 are both partly used (packing's level 2); the 300-milli share leaves GPU 1 at 700 milli and
+    GPU 2 at 900, so GPU 2 wins by the tight-fit bonus (without it, the tie goes to GPU 1), which stays far below
+    one packing level."""
+    from policies.scoring import TIGHT_FIT, Candidates, packing_score
+
+    share = Demand(cpu_milli=1000, gpu_count=1, gpu_milli=300)
+    state = ClusterState([node("n", gpus=3)])
+    state.apply("a", Assignment("n", gpus=(1,), milli=400))
+    state.apply("b", Assignment("n", gpus=(2,), milli=600))
+    snap = state.view()
+    values = packing_score(Candidates(snap, np.arange(1), share, typical_shapes([share])))[0, :3]
+    fills = np.array([0.3, 0.4 + 0.3, 0.6 + 0.3])  # each GPU's allocation after the share
+    np.testing.assert_allclose(values, [1, 2, 2] + TIGHT_FIT * fills)
+
+    no_fragmentation = PlacementPolicy.model_validate({"weights": {"fragmentation": 0}})
+    ev = evaluate(snap, share, np.arange(1), no_fragmentation, typical_shapes([share]))
+    assert int(ev.choice[0]) == 2
