@@ -93,9 +93,13 @@ def best_fit_score(c: Candidates) -> np.ndarray:
     node = -(0.5 * cpu_left + 0.5 * gpu_left)
     if c.demand.kind is DemandKind.SHARE:
         # Among GPUs of one node, the tightest fit leaves the largest whole pieces elsewhere.
-        tight = (snap.gpu_free[c.rows] - c.demand.gpu_milli) / MILLI_PER_GPU
-        return node[:, None] - 1e-3 * tight
+        return node[:, None] - 1e-3 * _share_leftover(c)
     return node[:, None]
+
+
+def _share_leftover(c: Candidates) -> np.ndarray:
+    """[R, G]: what a GPU share would leave free on each GPU, in GPUs (negative where it does not fit)."""
+    return (c.snapshot.gpu_free[c.rows] - c.demand.gpu_milli) / MILLI_PER_GPU
 
 
 TIGHT_FIT = 1e-3
@@ -116,7 +120,7 @@ def packing_score(c: Candidates) -> np.ndarray:
     node_used = (gpu_used.any(axis=1) | (snap.cpu_free[c.rows] < snap.cpu_total[c.rows]))[:, None].astype(np.float64)
     if c.demand.kind is not DemandKind.SHARE:
         return node_used
-    fill = 1.0 - (free - c.demand.gpu_milli) / MILLI_PER_GPU  # the GPU's allocation after the share, 0..1
+    fill = 1.0 - _share_leftover(c)  # each GPU's allocation after the share
     return node_used + gpu_used + TIGHT_FIT * fill
 
 
