@@ -84,26 +84,28 @@ def fragmentation_steps_score(c: Candidates) -> np.ndarray:
     return (points - FGD_POINTS / 2) / (FGD_POINTS / 4)
 
 
+TIGHT_FIT = 1e-3
+"""Bonus for how full a GPU share leaves its GPU, per GPU (best fit and packing both add it): a tie-break among
+GPUs, far below any other step of either score."""
+
+
+def _share_leftover(free: np.ndarray, demand: Demand) -> np.ndarray:
+    """[R, G]: what a GPU share would leave free on each GPU of `free`, in GPUs (negative where it does not fit)."""
+    return (free - demand.gpu_milli) / MILLI_PER_GPU
+
+
 def best_fit_score(c: Candidates) -> np.ndarray:
     """Minus what is left on the node afterwards: CPU and GPU, half each, relative to the largest node."""
     snap = c.snapshot
+    free = snap.gpu_free[c.rows]
     cpu_left = (snap.cpu_free[c.rows] - c.demand.cpu_milli) / max(int(snap.cpu_total.max(initial=1)), 1)
     gpu_cap = max(int(snap.gpu_present.sum(axis=1).max(initial=1)), 1) * MILLI_PER_GPU
-    gpu_left = (snap.gpu_free[c.rows].sum(axis=1) - c.demand.gpu_milli_total) / gpu_cap
+    gpu_left = (free.sum(axis=1) - c.demand.gpu_milli_total) / gpu_cap
     node = -(0.5 * cpu_left + 0.5 * gpu_left)
     if c.demand.kind is DemandKind.SHARE:
         # Among GPUs of one node, the tightest fit leaves the largest whole pieces elsewhere.
-        return node[:, None] - 1e-3 * _share_leftover(c)
+        return node[:, None] - TIGHT_FIT * _share_leftover(free, c.demand)
     return node[:, None]
-
-
-def _share_leftover(c: Candidates) -> np.ndarray:
-    """[R, G]: what a GPU share would leave free on each GPU, in GPUs (negative where it does not fit)."""
-    return (c.snapshot.gpu_free[c.rows] - c.demand.gpu_milli) / MILLI_PER_GPU
-
-
-TIGHT_FIT = 1e-3
-"""Packing's bonus for a GPU share that leaves its GPU full, scaled by how full: far below one packing level."""
 
 
 def packing_score(c: Candidates) -> np.ndarray:
@@ -120,7 +122,7 @@ def packing_score(c: Candidates) -> np.ndarray:
     node_used = (gpu_used.any(axis=1) | (snap.cpu_free[c.rows] < snap.cpu_total[c.rows]))[:, None].astype(np.float64)
     if c.demand.kind is not DemandKind.SHARE:
         return node_used
-    fill = 1.0 - _share_leftover(c)  # each GPU's allocation after the share
+    fill = 1.0 - _share_leftover(free, c.demand)  # each GPU's allocation after the share
     return node_used + gpu_used + TIGHT_FIT * fill
 
 
