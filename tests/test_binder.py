@@ -123,6 +123,30 @@ def test_get_pod(api: tuple[PodApi, KubernetesBinder]) -> None:
     assert binder.get_pod("default", "p")["spec"]["nodeName"] == "n3"
 
 
+def test_each_request_carries_the_token_of_that_moment() -> None:
+    """Service account tokens rotate: the configuration's refresh hook runs before every request, as the client's
+    own calls do, and the client's default headers (its User-Agent) go along."""
+    with FakeApiServer() as fake:
+        pods = PodApi(fake)
+        pods.add(gpu_pod("p", None, uid="u1"))
+        client = fake.client()
+        client.user_agent = "gpu-extender-test"
+        tokens = iter(["first", "second"])
+        cfg = client.configuration
+        cfg.api_key["BearerToken"] = "expired"  # what the in-cluster configuration read at start
+        cfg.api_key_prefix["BearerToken"] = "Bearer"
+        cfg.refresh_api_key_hook = lambda c: c.api_key.update(BearerToken=next(tokens))
+        binder = KubernetesBinder(client)
+        binder.get_pod("default", "p")
+        binder.bind("default", "p", "u1", "n1", {"a": "1"})
+    sent = [{k.lower(): v for k, v in headers.items()} for _, _, _, headers in fake.requests]
+    assert [(h["authorization"], h["user-agent"]) for h in sent] == [
+        ("Bearer first", "gpu-extender-test"),
+        ("Bearer second", "gpu-extender-test"),
+    ]
+    assert sent[1]["content-type"] == "application/json"
+
+
 def test_unreachable_api_server() -> None:
     cfg = kubernetes.client.Configuration()
     cfg.host = "http://127.0.0.1:9"  # discard port: nothing listens
