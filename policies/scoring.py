@@ -3,6 +3,10 @@ when a node's value is the same for all its columns (the caller broadcasts it).
 
 Columns are the candidate placements on a node: one per GPU for a GPU share or a MIG instance (the pod goes on
 that GPU), a single column otherwise. Invalid columns are masked by the caller.
+
+A row's score may depend only on that row's own state, the demand and the typical shapes. Evaluations are kept
+per row and only rows that changed are scored again (`policies.reuse`, the simulator's replay), so a term that
+reads the whole fleet (how many GPUs have some free size, say) would be stale on every row not touched since.
 """
 
 from __future__ import annotations
