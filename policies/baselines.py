@@ -57,14 +57,6 @@ def tightest_gpu(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand) ->
     return np.argmin(free, axis=1)
 
 
-def max_node_cpu(snapshot: ClusterSnapshot) -> int:
-    return max(int(snapshot.cpu_total.max(initial=1)), 1)
-
-
-def max_node_gpu_milli(snapshot: ClusterSnapshot) -> int:
-    return max(int(snapshot.gpu_present.sum(axis=1).max(initial=1)), 1) * MILLI_PER_GPU
-
-
 @dataclass
 class BasePolicy:
     """Common behaviour: first best row wins; the GPU comes from `evaluate`."""
@@ -132,7 +124,7 @@ class DotProductPolicy(BasePolicy):
     def evaluate(self, snapshot: ClusterSnapshot, demand: Demand, rows: np.ndarray) -> Evaluation:
         reasons, ok = _feasible(snapshot, rows, demand)
         sub = rows[ok]
-        cpu_max, gpu_max = max_node_cpu(snapshot), max_node_gpu_milli(snapshot)
+        cpu_max, gpu_max = snapshot.largest_node_cpu, snapshot.largest_node_gpu_milli
         node_cpu = snapshot.cpu_free[sub] / cpu_max
         node_gpu = snapshot.gpu_free[sub].sum(axis=1) / gpu_max
         dot = node_cpu * (demand.cpu_milli / cpu_max) + node_gpu * (demand.gpu_milli_total / gpu_max)
@@ -176,7 +168,7 @@ class GpuClusteringPolicy(BasePolicy):
             kinds = (counts > 0).sum(axis=1)
             column = self._classes.get(klass)
             has = counts[:, column] > 0 if column is not None else np.zeros(len(sub), dtype=bool)
-            gpu_max = max_node_gpu_milli(snapshot)
+            gpu_max = snapshot.largest_node_gpu_milli
             fullness = (MAX_NODE_SCORE // 4) * (gpu_max - snapshot.gpu_free[sub].sum(axis=1)) // gpu_max
             band = np.where(has, np.where(kinds == 1, 75, 50), np.where(kinds == 0, 25, 0))
             score = (fullness + band).astype(np.float64)
@@ -235,8 +227,8 @@ class BestFitPolicy(BasePolicy):
     def evaluate(self, snapshot: ClusterSnapshot, demand: Demand, rows: np.ndarray) -> Evaluation:
         reasons, ok = _feasible(snapshot, rows, demand)
         sub = rows[ok]
-        cpu_left = (snapshot.cpu_free[sub] - demand.cpu_milli) / max_node_cpu(snapshot)
-        gpu_left = (snapshot.gpu_free[sub].sum(axis=1) - demand.gpu_milli_total) / max_node_gpu_milli(snapshot)
+        cpu_left = (snapshot.cpu_free[sub] - demand.cpu_milli) / snapshot.largest_node_cpu
+        gpu_left = (snapshot.gpu_free[sub].sum(axis=1) - demand.gpu_milli_total) / snapshot.largest_node_gpu_milli
         score = np.trunc((1.0 - (0.5 * cpu_left + 0.5 * gpu_left)) * MAX_NODE_SCORE)
         columns = tightest_gpu(snapshot, sub, demand) if demand.kind is DemandKind.SHARE else 0
         return _evaluation(rows, reasons, ok, score, columns)

@@ -102,9 +102,8 @@ def best_fit_score(c: Candidates) -> np.ndarray:
     """Minus what is left on the node afterwards: CPU and GPU, half each, relative to the largest node."""
     snap = c.snapshot
     free = snap.gpu_free[c.rows]
-    cpu_left = (snap.cpu_free[c.rows] - c.demand.cpu_milli) / max(int(snap.cpu_total.max(initial=1)), 1)
-    gpu_cap = max(int(snap.gpu_present.sum(axis=1).max(initial=1)), 1) * MILLI_PER_GPU
-    gpu_left = (free.sum(axis=1) - c.demand.gpu_milli_total) / gpu_cap
+    cpu_left = (snap.cpu_free[c.rows] - c.demand.cpu_milli) / snap.largest_node_cpu
+    gpu_left = (free.sum(axis=1) - c.demand.gpu_milli_total) / snap.largest_node_gpu_milli
     node = -(0.5 * cpu_left + 0.5 * gpu_left)
     if c.demand.kind is DemandKind.SHARE:
         # Among GPUs of one node, the tightest fit leaves the largest whole pieces elsewhere.
@@ -153,9 +152,8 @@ def utilization_score(c: Candidates) -> np.ndarray:
 def small_node_score(c: Candidates) -> np.ndarray:
     """0..1, higher on nodes with fewer GPUs: at a small weight, ties go to small nodes, and large ones stay whole
     for the multi-GPU pods only they can hold."""
-    gpus = c.snapshot.gpu_present[c.rows] | (c.snapshot.mig_table[c.rows] >= 0)
-    width = gpus.shape[1]
-    return (1.0 - gpus.sum(axis=1) / max(width, 1))[:, None]
+    width = max(c.snapshot.gpu_present.shape[1], 1)
+    return (1.0 - c.snapshot.node_gpus[c.rows] / width)[:, None]
 
 
 FRAGMENTATION_SCORERS = {"steps": fragmentation_steps_score, "exact": fragmentation_score}

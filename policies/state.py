@@ -50,6 +50,10 @@ class ClusterSnapshot:
     # int64 [N]: the generation at which each row last changed, so a result computed over some rows can tell
     # whether it still holds (a rebuilt node set renews every row).
     row_version: np.ndarray
+    # Fixed until the node set changes, computed once per build: what per-node scores compare nodes by.
+    node_gpus: np.ndarray  # int16 [N] GPUs of each node, in MIG mode or not
+    largest_node_cpu: int  # milli-CPU of the largest node (at least 1)
+    largest_node_gpu_milli: int  # milli-GPU of the node with the most whole or shared GPUs (at least one GPU's)
     # GPUs whose MIG instances already exist (a static layout): (row, gpu) -> ((profile, start), ...). A pod can
     # only take one of these; GPUs not listed here are carved on demand.
     mig_layout: Mapping[tuple[int, int], tuple[tuple[str, int], ...]] = field(default_factory=dict)
@@ -128,8 +132,19 @@ class ClusterState:
         self.gpu_free = np.where(self.gpu_present, MILLI_PER_GPU, 0).astype(np.int32)
         self.gpu_mem_free = np.where(self.gpu_present, self.gpu_mem_total, 0).astype(np.int32)
         self.gpu_util = np.full((n, g), np.nan, dtype=np.float32)
+        self.node_gpus = (self.gpu_present | (self.mig_table >= 0)).sum(axis=1).astype(np.int16)
+        self.largest_node_cpu = max(int(self.cpu_total.max(initial=1)), 1)
+        self.largest_node_gpu_milli = max(int(self.gpu_present.sum(axis=1).max(initial=1)), 1) * MILLI_PER_GPU
         # Replaced, never edited, until the next build (telemetry replaces `gpu_util` whole): snapshots share them.
-        shared = (self.model_id, self.cpu_total, self.mem_total, self.gpu_present, self.gpu_mem_total, self.mig_table)
+        shared = (
+            self.model_id,
+            self.cpu_total,
+            self.mem_total,
+            self.gpu_present,
+            self.gpu_mem_total,
+            self.mig_table,
+            self.node_gpus,
+        )
         for array in (*shared, self.gpu_util):
             array.flags.writeable = False
         self.gpu_borrowed = np.zeros((n, g), dtype=np.int32)
@@ -274,5 +289,8 @@ class ClusterState:
             mig_table=self.mig_table,
             mig_occupied=edited(self.mig_occupied),
             row_version=edited(self.row_version),
+            node_gpus=self.node_gpus,
+            largest_node_cpu=self.largest_node_cpu,
+            largest_node_gpu_milli=self.largest_node_gpu_milli,
             mig_layout=MappingProxyType(self._mig_layout),
         )
