@@ -172,22 +172,28 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderA
         payload = _answer("filter", call, lambda error: filter_result([], error=error))
         if not outcomes:
             return payload, None
-        return payload, lambda: _after_filter(args.Pod, outcomes[0])
+        return payload, lambda: _after(service.after_filter, args.Pod, "filter", outcomes[0])
 
-    def _after_filter(pod: dict[str, Any], outcome: FilterOutcome) -> None:
+    def _after(work: Callable[..., None], pod: dict[str, Any], verb: str, *more: Any) -> None:
         try:
-            service.after_filter(pod, outcome)
-        except Exception:  # only saves work: prioritize scores and bind places the pod themselves if this did not
-            log.exception("work after filter's answer failed")
+            work(pod, *more)
+        except Exception:  # only saves work: prioritize and bind decide themselves when this did not
+            log.exception("work after %s's answer failed", verb)
 
-    def prioritize(args: ExtenderArgs) -> Any:
+    def prioritize(args: ExtenderArgs) -> tuple[Any, Callable[[], None] | None]:
         names = args.node_names()
+        answered: list[bool] = []
 
         def call() -> list[dict[str, Any]]:
-            return [{"Host": host, "Score": score} for host, score in service.prioritize(args.Pod, names)]
+            scores = [{"Host": host, "Score": score} for host, score in service.prioritize(args.Pod, names)]
+            answered.append(True)
+            return scores
 
         # kube-scheduler ignores prioritize errors; zero scores keep our answer neutral instead.
-        return _answer("prioritize", call, lambda _: [{"Host": name, "Score": 0} for name in names])
+        payload = _answer("prioritize", call, lambda _: [{"Host": name, "Score": 0} for name in names])
+        if not answered:
+            return payload, None
+        return payload, lambda: _after(service.after_prioritize, args.Pod, "prioritize")
 
     def bind(args: ExtenderBindingArgs) -> Any:
         def call() -> dict[str, str]:
@@ -201,7 +207,7 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderA
         return _reply(body, ExtenderArgs, filter_)
 
     async def prioritize_verb(body: bytes) -> Reply:
-        return _reply(body, ExtenderArgs, lambda args: (prioritize(args), None))
+        return _reply(body, ExtenderArgs, prioritize)
 
     binds = ThreadPoolExecutor(CONCURRENT_BINDS, thread_name_prefix="bind")
 

@@ -1,9 +1,9 @@
 """The scheduler's verbs over the cluster model: filter, prioritize, bind, preempt and explain.
 
 This is where a pod and a list of node names meet the decision core; the HTTP layer only translates the wire
-format. Filter and prioritize read one immutable snapshot and do no I/O. Prioritize (or filter, when the policy
-has it shortlist the best nodes) holds the placement it recommends until bind asks for it; bind holds capacity in
-the model before it talks to the API server, and gives it back if the binding fails.
+format. Filter and prioritize read one immutable snapshot and do no I/O. Once its answer is sent, prioritize (or
+filter, when the policy has it shortlist the best nodes) holds the placement it recommends until bind asks for it;
+bind holds capacity in the model before it talks to the API server, and gives it back if the binding fails.
 """
 
 from __future__ import annotations
@@ -334,7 +334,7 @@ class PlacementService:
 
     def prioritize(self, pod: Mapping[str, Any], names: list[str]) -> list[tuple[str, int]]:
         """Scores 0..10 for `names`: the answer computed ahead when nothing it depends on has changed since,
-        else a fresh one. The placement on the node scored 10 is then held until bind (`assumeBest`)."""
+        else a fresh one. `after_prioritize` then holds the placement on the node scored 10."""
         self._check_ready()
         demand = self.demand(pod)
         uid = pod_uid(pod)
@@ -346,9 +346,16 @@ class PlacementService:
         else:
             self.score_cache.misses += 1
             entry = self._score(uid, self._fresh(demand, snapshot, policy, shapes, names))
-        if entry.planned is not None:
-            self._hold_best(uid, policy, entry.planned)
         return list(entry.answer)
+
+    def after_prioritize(self, pod: Mapping[str, Any]) -> None:
+        """Hold the placement on the node prioritize scored 10 until bind asks for it (`assumeBest`), once the
+        answer is sent: holding publishes a new snapshot, which the scheduling loop need not wait for. As after
+        filter, this runs on the event loop before the next request is read, so no bind comes in between."""
+        uid = pod_uid(pod)
+        entry = self.score_cache.get(uid)
+        if entry is not None and entry.planned is not None:
+            self._hold_best(uid, entry.policy, entry.planned)
 
     def _hold_best(self, uid: str, policy: PlacementPolicy, placement: Assignment) -> None:
         """Hold the recommended placement until bind asks for it, as kube-scheduler assumes a pod (`assumeBest`)."""

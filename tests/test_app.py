@@ -221,6 +221,21 @@ def test_a_shortlisting_filter_holds_its_node_once_answered_and_bind_takes_it() 
     assert service.model.assignment_of("held") == held and service.score_cache.planned_hits == planned + 1
 
 
+def test_prioritize_holds_its_best_node_once_answered_and_bind_takes_it(client: TestClient) -> None:
+    service = client.app.state.service
+    pod = gpu_pod({"nvidia.com/gpu": "1"}, uid="ranked")
+    passed = client.post("/filter", json=filter_args(pod)).json()["NodeNames"]
+    assert len(passed) > 1 and service.model.assignment_of("ranked") is None, "filter holds only a shortlist of one"
+    scores = client.post("/prioritize", json=filter_args(pod, passed)).json()
+    best = next(s["Host"] for s in scores if s["Score"] == 10)
+    held = service.model.assignment_of("ranked")
+    assert held is not None and held.node == best, "held after the answer, before bind"
+    planned = service.score_cache.planned_hits
+    reply = client.post("/bind", json={"PodName": "p", "PodNamespace": "default", "PodUID": "ranked", "Node": best})
+    assert reply.json() == {"Error": ""}
+    assert service.model.assignment_of("ranked") == held and service.score_cache.planned_hits == planned + 1
+
+
 def test_rejections_are_logged_with_the_pod_and_the_reasons(client: TestClient, caplog) -> None:
     pod = gpu_pod({"nvidia.com/gpu": "16"}, uid="big")
     pod["metadata"].update(namespace="team-a", name="trainer")

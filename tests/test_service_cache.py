@@ -76,6 +76,13 @@ def filter_ahead(service: PlacementService, p: dict[str, Any], names: list[str])
     return outcome.passed
 
 
+def prioritize(service: PlacementService, p: dict[str, Any], names: list[str]) -> list[tuple[str, int]]:
+    """What the HTTP layer does on prioritize: answer, then hold the best placement (`after_prioritize`)."""
+    scores = service.prioritize(p, names)
+    service.after_prioritize(p)
+    return scores
+
+
 def best_of(scores: list[tuple[str, int]]) -> str:
     return max(scores, key=lambda hs: hs[1])[0]
 
@@ -90,9 +97,9 @@ def prioritize_afresh(
     """Prioritize on `cached`, which must compute the answer rather than find it, and check that it is the answer
     a service without a cache gives (each prioritize gives back what the pod held before deciding)."""
     misses = cached.score_cache.misses
-    answer = cached.prioritize(p, names)
+    answer = prioritize(cached, p, names)
     assert cached.score_cache.misses == misses + 1
-    assert answer == fresh.prioritize(p, names)
+    assert answer == prioritize(fresh, p, names)
     return answer
 
 
@@ -122,16 +129,16 @@ def test_prioritize_scored_ahead_equals_a_fresh_one(name: str) -> None:
         passed = filter_ahead(cached, p, candidates)
         assert fresh.filter(p, candidates).passed == passed
         before = cached.score_cache.hits
-        scores = cached.prioritize(p, passed)
+        scores = prioritize(cached, p, passed)
         hits += cached.score_cache.hits - before
         # Each prioritize gives back what the pod held and holds its best again: the answers stay comparable.
-        assert scores == fresh.prioritize(p, passed)
-        assert cached.prioritize(p, candidates) == fresh.prioritize(p, candidates)
+        assert scores == prioritize(fresh, p, passed)
+        assert prioritize(cached, p, candidates) == prioritize(fresh, p, candidates)
         if passed:
             best = best_of(scores)
             model.release_assumed(p["metadata"]["uid"])
             expected, _ = place_on_node(model.snapshot(), cached.demand(p), best, model.policy, model.shapes())
-            cached.prioritize(p, passed)
+            prioritize(cached, p, passed)
             before = cached.score_cache.planned_hits
             assert bind(cached, p, best) == expected
             planned += cached.score_cache.planned_hits - before
@@ -165,7 +172,7 @@ def test_a_stale_plan_is_decided_again_at_bind() -> None:
     ask_gpus(first, 1)
     ask_gpus(second, 8)
     passed = filter_ahead(cached, second, names)
-    top = best_of(cached.prioritize(second, passed))
+    top = best_of(prioritize(cached, second, passed))
     assert cached.model.assignment_of("second") is None, "nothing is held without assumeBest"
     cached.filter(first, [top])
     bind(cached, first, top)
@@ -182,7 +189,7 @@ def test_prioritize_holds_the_best_placement_until_bind_takes_it() -> None:
     p, other = pod("p", random.Random(2)), pod("other", random.Random(3))
     ask_gpus(p, 8)
     ask_gpus(other, 8)
-    best = best_of(cached.prioritize(p, filter_ahead(cached, p, names)))
+    best = best_of(prioritize(cached, p, filter_ahead(cached, p, names)))
     held = model.assignment_of("p")
     assert held is not None and held.node == best and len(held.gpus) == 8
     assert best not in cached.filter(other, names).passed, "the held GPUs are not offered to the next pod"
@@ -197,7 +204,7 @@ def test_a_bind_elsewhere_gives_the_held_placement_back() -> None:
     names = list(model.snapshot().names)
     p = pod("p", random.Random(2))
     ask_gpus(p, 8)
-    scores = cached.prioritize(p, filter_ahead(cached, p, names))
+    scores = prioritize(cached, p, filter_ahead(cached, p, names))
     best = best_of(scores)
     elsewhere = next(name for name, score in scores if name != best)
     assert bind(cached, p, elsewhere).node == elsewhere
@@ -211,7 +218,7 @@ def test_a_retried_pod_is_not_charged_for_what_it_held() -> None:
     p = pod("p", random.Random(2))
     ask_gpus(p, 8)
     first = cached.filter(p, names)
-    cached.prioritize(p, first.passed)
+    prioritize(cached, p, first.passed)
     assert cached.model.assignment_of("p") is not None
     again = cached.filter(p, names)  # the scheduler did not bind it and tries again
     assert cached.model.assignment_of("p") is None
@@ -227,7 +234,7 @@ def test_a_held_placement_the_scheduler_never_binds_expires() -> None:
     service = PlacementService(model, MemoryBinder(), confirm_on_bind=True)
     p = pod("p", random.Random(2))
     ask_gpus(p, 1)
-    service.prioritize(p, filter_ahead(service, p, list(model.snapshot().names)))
+    prioritize(service, p, filter_ahead(service, p, list(model.snapshot().names)))
     now[0] = 4.0
     assert model.expire_reservations() == []
     now[0] = 5.5
@@ -242,13 +249,13 @@ def test_policy_or_pod_change_invalidates() -> None:
     passed = filter_ahead(cached, p, names)
     cached.model.set_policy(PlacementPolicy.model_validate({"extenderScoring": {"mode": "linear"}}))
     misses = cached.score_cache.misses
-    cached.prioritize(p, passed)
+    prioritize(cached, p, passed)
     assert cached.score_cache.misses == misses + 1
     ask_gpus(p, 2)  # same UID
-    cached.prioritize(p, passed)
+    prioritize(cached, p, passed)
     assert cached.score_cache.misses == misses + 2
     passed = filter_ahead(cached, p, names)  # the next attempt for the pod: scored ahead again
-    cached.prioritize(p, passed)
+    prioritize(cached, p, passed)
     assert cached.score_cache.misses == misses + 2
 
 
@@ -292,7 +299,7 @@ def test_changes_to_other_nodes_keep_the_answer_and_it_stays_exact() -> None:
     outside = next(n for n in names[20:] if cached.filter(elsewhere, [n]).passed)
     bind(cached, elsewhere, outside)  # a change, but not to a scored node
     hits = cached.score_cache.hits
-    assert cached.prioritize(p, passed) == fresh.prioritize(p, passed)
+    assert prioritize(cached, p, passed) == prioritize(fresh, p, passed)
     assert cached.score_cache.hits == hits + 1
     cached.model.release_assumed("p")
     cached.model.set_utilization(cached.model.snapshot().gpu_util * 0.5)  # telemetry touches every node

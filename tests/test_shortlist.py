@@ -12,7 +12,7 @@ import pytest
 from policies.config import PlacementPolicy
 from policies.engine import top_positions
 from scheduler.service import PlacementService
-from tests.test_service_cache import POLICIES, ask_gpus, best_of, bind, pod, services
+from tests.test_service_cache import POLICIES, ask_gpus, best_of, bind, pod, prioritize, services
 
 
 def service(policy: dict, shortlist: int) -> PlacementService:
@@ -44,7 +44,7 @@ def test_a_shortlist_of_one_is_prioritizes_best_with_the_same_placement(name: st
             assert outcome.passed == expected.passed
             continue
         shortlisted += 1
-        best = best_of(full.prioritize(p, expected.passed))
+        best = best_of(prioritize(full, p, expected.passed))
         assert outcome.passed == [best]
         held = short.model.assignment_of(uid)
         assert held is not None and held == full.model.assignment_of(uid)
@@ -65,7 +65,7 @@ def test_a_longer_shortlist_keeps_the_best_in_order_and_prioritize_agrees() -> N
     assert short.model.assignment_of("p") is None, "prioritize, which is called next, holds the best"
     short.after_filter(p, outcome)
     hits = short.score_cache.hits
-    assert best_of(short.prioritize(p, outcome.passed)) == expected[0]
+    assert best_of(prioritize(short, p, outcome.passed)) == expected[0]
     assert short.score_cache.hits == hits + 1, "prioritize over the shortlist was scored ahead"
     assert short.model.assignment_of("p").node == expected[0]  # type: ignore[union-attr]
 
@@ -146,5 +146,5 @@ def test_ties_go_to_the_same_node_whatever_order_the_names_come_in() -> None:
         p["metadata"]["annotations"] = {"gpu-extender.io/gpu-types": "A100"}
         names = rng.sample(a100, len(a100))
         assert short.filter(p, names).passed == ["a100-00"], names
-        assert best_of(full.prioritize(p, names)) == "a100-00"
+        assert best_of(prioritize(full, p, names)) == "a100-00"
         assert full.explain(p, names)[0]["node"] == "a100-00"
