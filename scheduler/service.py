@@ -227,11 +227,20 @@ class PlacementService:
             self._demands.popitem(last=False)
         return demand
 
-    def _evaluate(self, pod: Mapping[str, Any], names: list[str], score: bool = True, reuse: bool = True) -> _Decision:
-        """One snapshot for the whole call: the names, rows and verdicts must all come from the same view."""
+    def _evaluate(
+        self,
+        pod: Mapping[str, Any],
+        names: list[str],
+        score: bool = True,
+        reuse: bool = True,
+        policy: PlacementPolicy | None = None,
+    ) -> _Decision:
+        """One snapshot for the whole call: the names, rows and verdicts must all come from the same view. A caller
+        that has read the policy already passes it, so the call is decided under the policy it read."""
         self._check_ready()
         demand = self.demand(pod)
-        return self._fresh(demand, self.model.snapshot(), self.model.policy, self.model.shapes(), names, score, reuse)
+        policy = policy or self.model.policy
+        return self._fresh(demand, self.model.snapshot(), policy, self.model.shapes(), names, score, reuse)
 
     def _check_ready(self) -> None:
         if not self.model.ready:
@@ -288,9 +297,11 @@ class PlacementService:
     def filter(self, pod: Mapping[str, Any], names: list[str]) -> FilterOutcome:
         uid = pod_uid(pod)
         self.model.release_assumed(uid)  # a retried pod: what it held must not count against it
-        # A shortlist is chosen by score: then feasibility and scores are evaluated in one pass.
-        decision = self._evaluate(pod, names, score=self.model.policy.extender_scoring.shortlist > 0)
-        limit = decision.policy.extender_scoring.shortlist
+        # A shortlist is chosen by score: then feasibility and scores are evaluated in one pass. The policy is read
+        # once, so a reload in between cannot ask for a shortlist of an evaluation made without scores.
+        policy = self.model.policy
+        limit = policy.extender_scoring.shortlist
+        decision = self._evaluate(pod, names, score=limit > 0, policy=policy)
         outcome = _outcome(decision, name_failures=not limit or not decision.evaluation.feasible.any())
         if limit and len(outcome.passed) > limit:
             return self._shortlist(decision, outcome, limit)
@@ -397,7 +408,7 @@ class PlacementService:
         names = list(self.model.snapshot().names) if names is None else names
         decision = self._evaluate(pod, names, reuse=False)  # with every scorer's part
         evaluation = decision.evaluation
-        scores = extender_scores(evaluation, self.model.policy.extender_scoring.mode)
+        scores = extender_scores(evaluation, decision.policy.extender_scoring.mode)
         out: list[dict[str, Any]] = []
         order: dict[str, tuple[bool, float, int]] = {}  # best first, ties as `Evaluation.best` breaks them
         for i, name in enumerate(decision.known):

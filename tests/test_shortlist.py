@@ -148,3 +148,16 @@ def test_ties_go_to_the_same_node_whatever_order_the_names_come_in() -> None:
         assert short.filter(p, names).passed == ["a100-00"], names
         assert best_of(prioritize(full, p, names)) == "a100-00"
         assert full.explain(p, names)[0]["node"] == "a100-00"
+
+
+def test_a_policy_reloaded_during_filter_does_not_break_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The policy file may change between any two reads: filter decides under the one policy it read."""
+    short = service({}, 1)
+    without = PlacementPolicy.model_validate({"extenderScoring": {"shortlist": 0}})
+    reads = iter([without, short.model.policy])  # the reload lands right after filter's first read
+    monkeypatch.setattr(type(short.model), "policy", property(lambda model: next(reads, model._policy)))
+    p = pod("p", random.Random(5))
+    ask_gpus(p, 1)
+    names = list(short.model.snapshot().names)
+    outcome = short.filter(p, names)
+    assert len(outcome.passed) > 1 and not outcome.shortlisted, "decided under the policy read first"
