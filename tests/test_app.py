@@ -207,18 +207,24 @@ def test_filter_scores_the_passed_names_ahead_of_prioritize(client: TestClient) 
     assert [s["Host"] for s in scores] == passed and [s["Score"] for s in scores].count(10) == 1
 
 
+def assert_bind_takes_what_is_held(client: TestClient, uid: str, node: str) -> None:
+    """The pod's placement on `node` is held once the verb has answered, and bind takes exactly that placement."""
+    service = client.app.state.service
+    held = service.model.assignment_of(uid)
+    assert held is not None and held.node == node, "held after the answer, before bind"
+    planned = service.score_cache.planned_hits
+    reply = client.post("/bind", json={"PodName": "p", "PodNamespace": "default", "PodUID": uid, "Node": node})
+    assert reply.json() == {"Error": ""}
+    assert service.model.assignment_of(uid) == held and service.score_cache.planned_hits == planned + 1
+
+
 def test_a_shortlisting_filter_holds_its_node_once_answered_and_bind_takes_it() -> None:
     policy = PlacementPolicy.model_validate({"extenderScoring": {"shortlist": 1}})
     service = fleet_service(str(FLEET), policy)
     client = TestClient(create_app(service, ExtenderMetrics(service.model)), raise_server_exceptions=False)
     pod = gpu_pod({"nvidia.com/gpu": "1"}, uid="held")
     (node,) = client.post("/filter", json=filter_args(pod)).json()["NodeNames"]
-    held = service.model.assignment_of("held")
-    assert held is not None and held.node == node, "held after the answer, before bind"
-    planned = service.score_cache.planned_hits
-    reply = client.post("/bind", json={"PodName": "p", "PodNamespace": "default", "PodUID": "held", "Node": node})
-    assert reply.json() == {"Error": ""}
-    assert service.model.assignment_of("held") == held and service.score_cache.planned_hits == planned + 1
+    assert_bind_takes_what_is_held(client, "held", node)
 
 
 def test_prioritize_holds_its_best_node_once_answered_and_bind_takes_it(client: TestClient) -> None:
@@ -227,13 +233,7 @@ def test_prioritize_holds_its_best_node_once_answered_and_bind_takes_it(client: 
     passed = client.post("/filter", json=filter_args(pod)).json()["NodeNames"]
     assert len(passed) > 1 and service.model.assignment_of("ranked") is None, "filter holds only a shortlist of one"
     scores = client.post("/prioritize", json=filter_args(pod, passed)).json()
-    best = next(s["Host"] for s in scores if s["Score"] == 10)
-    held = service.model.assignment_of("ranked")
-    assert held is not None and held.node == best, "held after the answer, before bind"
-    planned = service.score_cache.planned_hits
-    reply = client.post("/bind", json={"PodName": "p", "PodNamespace": "default", "PodUID": "ranked", "Node": best})
-    assert reply.json() == {"Error": ""}
-    assert service.model.assignment_of("ranked") == held and service.score_cache.planned_hits == planned + 1
+    assert_bind_takes_what_is_held(client, "ranked", next(s["Host"] for s in scores if s["Score"] == 10))
 
 
 def test_rejections_are_logged_with_the_pod_and_the_reasons(client: TestClient, caplog) -> None:
