@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kubernetes.client
 import numpy as np
@@ -31,6 +31,9 @@ from e2e.workload import TracePod, pod_manifest, read_openb_pods, shared_data
 from scheduler.annotations import GPU_INDICES, GPU_INVENTORY, GPU_MEMORY_FRACTION, GPU_UUIDS
 from scheduler.kubeapi import read_json
 from scheduler.service import UNKNOWN_NODE
+
+if TYPE_CHECKING:
+    from scheduler.simulator.trace import PodList
 
 pytestmark = pytest.mark.e2e
 
@@ -464,6 +467,14 @@ def _physical_milli(bound: list[dict[str, Any]], trace: dict[str, TracePod], gpu
     return allocated
 
 
+@functools.cache
+def _replay_pods() -> PodList:
+    """The replayed pod list as the simulator reads it, read once for the policy and both predictions."""
+    from scheduler.simulator.trace import read_pods
+
+    return read_pods(shared_data() / "openb" / f"openb_pod_list_{REPLAY_LIST}.csv")
+
+
 def _replay_policy() -> str:
     """The shipped policy with the replayed list's typical mix pinned (the mix the simulator uses).
 
@@ -472,10 +483,8 @@ def _replay_policy() -> str:
     Learning is covered by the unit tests of the cluster model."""
     from policies.fragmentation import typical_shapes_of
     from scheduler.simulator.runner import SHAPE_COVERAGE
-    from scheduler.simulator.trace import read_pods
 
-    pods = read_pods(shared_data() / "openb" / f"openb_pod_list_{REPLAY_LIST}.csv")
-    counts = Counter(d.shape for d in pods.demands)
+    counts = Counter(d.shape for d in _replay_pods().demands)
     mix = typical_shapes_of(counts, coverage=SHAPE_COVERAGE)
     columns = (mix.cpu_milli.tolist(), mix.gpu_count.tolist(), mix.gpu_milli.tolist(), mix.allowed_models)
     default = []
@@ -496,10 +505,10 @@ def _prediction(nodes: list[dict[str, Any]], mode: str, policy_text: str) -> tup
     from scheduler.model import ClusterModel
     from scheduler.nodes import inventory_from_node
     from scheduler.simulator.replay import KubeSchedulerOptions, replay
-    from scheduler.simulator.trace import arrival_sequence, gpu_capacity_milli, node_order, read_pods
+    from scheduler.simulator.trace import arrival_sequence, gpu_capacity_milli, node_order
 
     inventories = [i for i in (inventory_from_node(n) for n in nodes) if i is not None]
-    pods = read_pods(shared_data() / "openb" / f"openb_pod_list_{REPLAY_LIST}.csv")
+    pods = _replay_pods()
     rng = np.random.default_rng(REPLAY_SEED)
     sequence = arrival_sequence(pods, gpu_capacity_milli(inventories), 1.3, rng)
     ordered = node_order(inventories, rng)
