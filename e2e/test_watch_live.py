@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -156,3 +157,28 @@ def test_watch_converges_and_relists_after_restart(cluster: kubernetes.client.Ap
         assert uids["w0"] not in placed and uids["w1"] not in placed
         assert uids["w19"] in placed and placed[late] == share and placed[mig_uid] == mig_a
         assert len(placed) == 41  # 40 + foreign + m0 + late - w0 - w1
+
+
+def test_binder_verifies_the_api_server_as_the_client_would(cluster: kubernetes.client.ApiClient) -> None:
+    """The binder's own connections check the serving certificate against the configured CA and TLS server name,
+    and present the client certificate; a mismatch is an unreachable API server, not a bind."""
+    api = cluster
+    uid = create_pod(api, "tls", **{"nvidia.com/gpu": "1"})
+
+    def bind_with(**settings: Any) -> None:
+        config = copy.copy(api.configuration)
+        for key, value in settings.items():
+            setattr(config, key, value)
+        KubernetesBinder(kubernetes.client.ApiClient(config), timeout_s=5.0).bind(NS, "tls", uid, f"{PREFIX}a0", {})
+
+    try:
+        with pytest.raises(BindError, match="unreachable"):
+            bind_with(tls_server_name="not-the-api-server")
+        with pytest.raises(BindError, match="unreachable"):
+            bind_with(ssl_ca_cert=None)  # the public roots (certifi) do not sign this API server
+        with pytest.raises(BindError, match="HTTP 403"):
+            bind_with(cert_file=None, key_file=None)  # anonymous
+        bind_with(tls_server_name="kubernetes.default.svc")  # a name the serving certificate carries
+        assert read_json(api, "GET", f"/api/v1/namespaces/{NS}/pods/tls")["spec"]["nodeName"] == f"{PREFIX}a0"
+    finally:
+        read_json(api, "DELETE", f"/api/v1/namespaces/{NS}/pods/tls", query=[("gracePeriodSeconds", "0")])

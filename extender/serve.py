@@ -51,7 +51,7 @@ def live_service(kubeconfig: str | None, policy: PlacementPolicy) -> tuple[Place
     model = ClusterModel(policy)
     watcher = ClusterWatcher(client.ApiClient(), model)
     watcher.start()
-    binder = KubernetesBinder.with_own_connections(client.Configuration.get_default_copy())
+    binder = KubernetesBinder(client.ApiClient(client.Configuration.get_default_copy()))
     return PlacementService(model, binder), watcher
 
 
