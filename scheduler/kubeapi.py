@@ -52,8 +52,8 @@ def api_request(
     response.
 
     The request goes to the client's pool directly. The generated client's request path (`param_serialize`,
-    `call_api`) walks the body and headers to sanitize them and wraps the response: on a bind that is a quarter of
-    the extender's CPU for the call. The token is read per request through `auth_settings()`, which runs the
+    `call_api`) walks the body and headers to sanitize them and wraps the response: on a small write that was a
+    quarter of the CPU of the call. The token is read per request through `auth_settings()`, which runs the
     configuration's refresh hook, so rotated service account tokens are picked up as the client would.
 
     Raises `ApiError` for a non-2xx status (its body read and parsed); transport failures raise urllib3's
