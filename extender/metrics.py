@@ -24,13 +24,14 @@ class FleetCollector(Collector):
         self._model = model
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        snapshot = self._model.snapshot()
+        view = self._model.view()
+        snapshot = view.snapshot
         capacity = snapshot.gpu_present.sum()
         allocated = (snapshot.gpu_allocated_milli()) / 1000.0
         fragmented = 0.0
         if snapshot.size:
             rows = np.arange(snapshot.size)
-            fragmented = float(node_fragmentation(snapshot, rows, self._model.shapes()).sum()) / 1000.0
+            fragmented = float(node_fragmentation(snapshot, rows, view.shapes).sum()) / 1000.0
         yield GaugeMetricFamily("gpu_extender_gpus", "Schedulable GPUs (not in MIG mode) in the fleet", float(capacity))
         yield GaugeMetricFamily("gpu_extender_allocated_gpus", "GPU capacity held by pods, in GPUs", allocated)
         yield GaugeMetricFamily(

@@ -1,9 +1,10 @@
 """The cluster model every verb reads: one writer mutates a `ClusterState`, readers get immutable snapshots.
 
-Feeders (the API-server watches, or a static fleet file) call the mutators; request handlers call `snapshot()`,
-which returns the last published snapshot without taking a lock. Reservations hold capacity between our decision
-and the moment the watch shows the bound pod, so two pods never get the same GPU share: from bind, or already from
-prioritize (an assumption, as kube-scheduler assumes a pod before binding it) for the node we scored best.
+Feeders (the API-server watches, or a static fleet file) call the mutators; request handlers call `view()`, which
+returns the last published snapshot, policy and typical shapes together, without taking a lock. Reservations hold
+capacity between our decision and the moment the watch shows the bound pod, so two pods never get the same GPU
+share: from bind, or already from prioritize (an assumption, as kube-scheduler assumes a pod before binding it) for
+the node we scored best.
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ from policies.fragmentation import TypicalShapes, typical_shapes_of
 from policies.inventory import Assignment, NodeInventory
 from policies.state import ClusterSnapshot, ClusterState, ConflictError
 
-__all__ = ["ClusterModel", "ConflictError", "Reservation"]
+__all__ = ["ClusterModel", "ConflictError", "ModelView", "Reservation"]
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What one decision is made from, published as one object: a policy reload or a new shape mix can never
+    pair with a snapshot or with each other halfway through a decision."""
+
+    snapshot: ClusterSnapshot
+    policy: PlacementPolicy
+    shapes: TypicalShapes
 
 
 @dataclass(frozen=True)
@@ -38,25 +49,26 @@ class ClusterModel:
         self._lock = threading.Lock()
         self._state = ClusterState()
         self._clock = clock
-        self._policy = policy
         self._reservations: dict[str, Reservation] = {}
         self._observed: dict[str, Demand] = {}  # bound pods' demands, for the typical-shape mix
         self._observed_shapes: Counter[tuple] = Counter()  # their shapes, kept as pods come and go
         self._guessed: dict[str, Demand] = {}  # pods bound without our record, whose GPUs we chose ourselves
         self._ready = False
-        self._shapes = self._compute_shapes()
-        self._snapshot = self._state.snapshot()
+        self._view = ModelView(self._state.snapshot(), policy, self._compute_shapes(policy))
 
     # -- readers (lock-free) -----------------------------------------------------------------------------
+    def view(self) -> ModelView:
+        return self._view
+
     def snapshot(self) -> ClusterSnapshot:
-        return self._snapshot
+        return self._view.snapshot
 
     def shapes(self) -> TypicalShapes:
-        return self._shapes
+        return self._view.shapes
 
     @property
     def policy(self) -> PlacementPolicy:
-        return self._policy
+        return self._view.policy
 
     @property
     def ready(self) -> bool:
@@ -76,8 +88,7 @@ class ClusterModel:
 
     def set_policy(self, policy: PlacementPolicy) -> None:
         with self._lock:
-            self._policy = policy
-            self._shapes = self._compute_shapes()
+            self._view = replace(self._view, policy=policy, shapes=self._compute_shapes(policy))
 
     def replace_nodes(self, nodes: Iterable[NodeInventory]) -> list[str]:
         """Swap in a new node set; returns keys of pods whose assignments no longer fit (node gone or shrunk)."""
@@ -95,7 +106,7 @@ class ClusterModel:
                 if key not in self._reservations:
                     self._forget(key)
             failed = self._apply_all_bound(bound)
-            self._shapes = self._compute_shapes()
+            self._view = replace(self._view, shapes=self._compute_shapes(self.policy))
             self._publish()
             return failed
 
@@ -182,7 +193,7 @@ class ClusterModel:
 
     def _hold_locked(self, key: str, assignment: Assignment, assumed: bool = False) -> None:
         """Record the reservation of capacity already applied to the state, with its timeout."""
-        spec = self._policy.reservations
+        spec = self.policy.reservations
         ttl = spec.assumed_ttl_seconds if assumed else spec.ttl_seconds
         self._reservations[key] = Reservation(assignment, self._clock() + ttl, assumed)
 
@@ -196,9 +207,9 @@ class ClusterModel:
         """Re-learn the typical pod shapes from the pods bound now (cheap; call every few seconds). Unchanged
         shapes keep their object, so answers and evaluations that depend on them stay reusable."""
         with self._lock:
-            shapes = self._compute_shapes()
-            if not shapes.same_as(self._shapes):
-                self._shapes = shapes
+            shapes = self._compute_shapes(self.policy)
+            if not shapes.same_as(self._view.shapes):
+                self._view = replace(self._view, shapes=shapes)
 
     def expire_reservations(self) -> list[str]:
         with self._lock:
@@ -268,7 +279,7 @@ class ClusterModel:
     def _place_unannotated(self, assignment: Assignment, demand: Demand) -> Assignment:
         """A pod bound without our assignment record (another scheduler placed it) still holds GPUs: we do not
         know which, so we charge the ones our own policy would have picked. The count is what matters."""
-        placed, _ = place_on_node(self._state.view(), demand, assignment.node, self._policy, self._shapes)
+        placed, _ = place_on_node(self._state.view(), demand, assignment.node, self.policy, self.shapes())
         if placed is None:
             raise ConflictError(f"no room left on {assignment.node} for a pod placed there by someone else")
         return placed
@@ -293,10 +304,10 @@ class ClusterModel:
             self._observed[key] = demand
             self._observed_shapes[demand.shape] += 1
 
-    def _compute_shapes(self) -> TypicalShapes:
+    def _compute_shapes(self, policy: PlacementPolicy) -> TypicalShapes:
         """The learnt mix once enough pods are bound, else the policy's default. Costs the number of distinct
         shapes, not of pods: it runs every few seconds under the lock, with tens of thousands of pods bound."""
-        spec = self._policy.typical_shapes
+        spec = policy.typical_shapes
         if spec.learn_from_cluster and len(self._observed) >= spec.min_observed_pods:
             return typical_shapes_of(self._observed_shapes, spec.coverage)
         weighted: Counter[tuple] = Counter()
@@ -306,8 +317,9 @@ class ClusterModel:
 
     def _publish(self) -> None:
         """Swap in a new snapshot if the state changed (every change bumps its generation)."""
-        if self._state.generation != self._snapshot.generation:
-            self._snapshot = self._state.snapshot()
+        view = self._view
+        if self._state.generation != view.snapshot.generation:
+            self._view = ModelView(self._state.snapshot(), view.policy, view.shapes)
 
 
 def _gpus_unplaced(assignment: Assignment, demand: Demand) -> bool:

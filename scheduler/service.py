@@ -27,7 +27,7 @@ from policies.inventory import Assignment, NodeInventory
 from policies.reuse import EvaluationCache
 from policies.state import ClusterSnapshot, ClusterState, ConflictError
 from scheduler.annotations import assignment_annotations
-from scheduler.model import ClusterModel
+from scheduler.model import ClusterModel, ModelView
 from scheduler.podspec import cached_demand
 from scheduler.telemetry import RecentBindings
 
@@ -233,14 +233,14 @@ class PlacementService:
         names: list[str],
         score: bool = True,
         reuse: bool = True,
-        policy: PlacementPolicy | None = None,
+        view: ModelView | None = None,
     ) -> _Decision:
-        """One snapshot for the whole call: the names, rows and verdicts must all come from the same view. A caller
-        that has read the policy already passes it, so the call is decided under the policy it read."""
+        """One view for the whole call: the names, rows and verdicts come from one snapshot, scored under the policy
+        and shapes published with it. A caller that has read the view already passes it."""
         self._check_ready()
         demand = self.demand(pod)
-        policy = policy or self.model.policy
-        return self._fresh(demand, self.model.snapshot(), policy, self.model.shapes(), names, score, reuse)
+        view = view or self.model.view()
+        return self._fresh(demand, view.snapshot, view.policy, view.shapes, names, score, reuse)
 
     def _check_ready(self) -> None:
         if not self.model.ready:
@@ -297,11 +297,11 @@ class PlacementService:
     def filter(self, pod: Mapping[str, Any], names: list[str]) -> FilterOutcome:
         uid = pod_uid(pod)
         self.model.release_assumed(uid)  # a retried pod: what it held must not count against it
-        # A shortlist is chosen by score: then feasibility and scores are evaluated in one pass. The policy is read
+        # A shortlist is chosen by score: then feasibility and scores are evaluated in one pass. The view is read
         # once, so a reload in between cannot ask for a shortlist of an evaluation made without scores.
-        policy = self.model.policy
-        limit = policy.extender_scoring.shortlist
-        decision = self._evaluate(pod, names, score=limit > 0, policy=policy)
+        view = self.model.view()
+        limit = view.policy.extender_scoring.shortlist
+        decision = self._evaluate(pod, names, score=limit > 0, view=view)
         outcome = _outcome(decision, name_failures=not limit or not decision.evaluation.feasible.any())
         if limit and len(outcome.passed) > limit:
             return self._shortlist(decision, outcome, limit)
@@ -350,7 +350,8 @@ class PlacementService:
         demand = self.demand(pod)
         uid = pod_uid(pod)
         self.model.release_assumed(uid)
-        snapshot, policy, shapes = self.model.snapshot(), self.model.policy, self.model.shapes()
+        view = self.model.view()
+        snapshot, policy, shapes = view.snapshot, view.policy, view.shapes
         entry = self.score_cache.get(uid)
         if entry is not None and entry.still_valid(snapshot, policy, shapes, demand, names):
             self.score_cache.hits += 1
@@ -472,7 +473,8 @@ class PlacementService:
         demand = self._demands.get(uid)
         if demand is None:  # we restarted since filter, or another replica filtered: read the pod
             demand = self.demand(self.binder.get_pod(namespace, name))
-        snapshot, policy, shapes = self.model.snapshot(), self.model.policy, self.model.shapes()
+        view = self.model.view()
+        snapshot, policy, shapes = view.snapshot, view.policy, view.shapes
         entry = self.score_cache.get(uid)
         planned = entry.placement_on(node, snapshot, policy, shapes, demand) if entry is not None else None
         if planned is not None:
@@ -494,7 +496,8 @@ class PlacementService:
         if not self.model.ready:
             raise NotReadyError("the GPU extender's cluster view is not ready yet")
         demand = self.demand(pod)
-        snapshot = self.model.snapshot()
+        view = self.model.view()
+        snapshot = view.snapshot
         assignments = self.model.assignments()
         result: dict[str, list[str]] = {}
         for node, victims in candidates.items():
@@ -502,25 +505,29 @@ class PlacementService:
                 continue
             on_node = {k: a for k, a in assignments.items() if a.node == node}
             known = [v for v in victims if v in on_node]
-            if not self._fits_without(snapshot.inventories[snapshot.index[node]], on_node, known, demand):
+            if not self._fits_without(view, snapshot.inventories[snapshot.index[node]], on_node, known, demand):
                 continue
             needed = list(known)
             for victim in known:  # greedily spare victims the pod does not need gone
                 trial = [v for v in needed if v != victim]
-                if self._fits_without(snapshot.inventories[snapshot.index[node]], on_node, trial, demand):
+                if self._fits_without(view, snapshot.inventories[snapshot.index[node]], on_node, trial, demand):
                     needed = trial
             result[node] = [v for v in victims if v not in on_node or v in needed]
         return result
 
     def _fits_without(
-        self, inventory: NodeInventory, on_node: dict[str, Assignment], evicted: list[str], demand: Demand
+        self,
+        view: ModelView,
+        inventory: NodeInventory,
+        on_node: dict[str, Assignment],
+        evicted: list[str],
+        demand: Demand,
     ) -> bool:
         state = ClusterState([inventory])
         for key, assignment in on_node.items():
             if key not in evicted:
                 state.apply(key, assignment)
-        view = state.view()
-        evaluation = evaluate(view, demand, np.array([0]), self.model.policy, self.model.shapes(), score=False)
+        evaluation = evaluate(state.view(), demand, np.array([0]), view.policy, view.shapes, score=False)
         return bool(evaluation.feasible[0])
 
 

@@ -104,3 +104,27 @@ def test_learnt_shapes_follow_pods_coming_and_going() -> None:
     model.pod_gone("s3")  # fewer pods than minObservedPods: the policy's default mix again
     model.refresh_shapes()
     assert model.shapes().same_as(ClusterModel(policy).shapes())
+
+
+def test_a_policy_reload_publishes_the_policy_and_its_shapes_together(
+    model: ClusterModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request reads policy, typical shapes and snapshot as one view: while a reload computes the new policy's
+    shapes, readers still see the old policy with the old shapes, and then the new policy with the new ones."""
+    before = model.view()
+    fixed = PlacementPolicy.model_validate(
+        {"typicalShapes": {"default": [{"cpuMilli": 16000, "gpuCount": 2, "gpuMilli": 1000, "weight": 1.0}]}}
+    )
+    seen_meanwhile = []
+    compute = ClusterModel._compute_shapes
+
+    def spy(self: ClusterModel, policy: PlacementPolicy) -> object:
+        seen_meanwhile.append(self.view())  # what a request arriving right now would read
+        return compute(self, policy)
+
+    monkeypatch.setattr(ClusterModel, "_compute_shapes", spy)
+    model.set_policy(fixed)
+    assert seen_meanwhile == [before]
+    after = model.view()
+    assert after.policy is fixed and after.snapshot is before.snapshot
+    assert after.shapes.same_as(compute(model, fixed)) and not after.shapes.same_as(before.shapes)

@@ -5,6 +5,7 @@ that node must be the one prioritize would have scored 10, and the placement the
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -151,13 +152,14 @@ def test_ties_go_to_the_same_node_whatever_order_the_names_come_in() -> None:
 
 
 def test_a_policy_reloaded_during_filter_does_not_break_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The policy file may change between any two reads: filter decides under the one policy it read."""
+    """The policy file may change between any two reads: filter decides under the one view it read."""
     short = service({}, 1)
     without = PlacementPolicy.model_validate({"extenderScoring": {"shortlist": 0}})
-    reads = iter([without, short.model.policy])  # the reload lands right after filter's first read
-    monkeypatch.setattr(type(short.model), "policy", property(lambda model: next(reads, model._policy)))
+    reads = iter([replace(short.model.view(), policy=without)])  # the reload lands right after filter's first read
+    monkeypatch.setattr(type(short.model), "view", lambda model: next(reads, model._view))
     p = pod("p", random.Random(5))
     ask_gpus(p, 1)
     names = list(short.model.snapshot().names)
     outcome = short.filter(p, names)
     assert len(outcome.passed) > 1 and not outcome.shortlisted, "decided under the policy read first"
+    assert outcome.decision is not None and outcome.decision.policy is without
