@@ -6,9 +6,9 @@ import pytest
 
 from policies.config import PlacementPolicy
 from policies.demand import Demand
-from policies.fragmentation import typical_shapes
+from policies.fragmentation import TypicalShapes, typical_shapes
 from policies.inventory import Assignment
-from scheduler.model import ClusterModel, ConflictError
+from scheduler.model import ClusterModel, ConflictError, ModelView
 from tests.helpers import node
 
 WHOLE = Demand(cpu_milli=1000, gpu_count=1, gpu_milli=1000)
@@ -115,10 +115,10 @@ def test_a_policy_reload_publishes_the_policy_and_its_shapes_together(
     fixed = PlacementPolicy.model_validate(
         {"typicalShapes": {"default": [{"cpuMilli": 16000, "gpuCount": 2, "gpuMilli": 1000, "weight": 1.0}]}}
     )
-    seen_meanwhile = []
+    seen_meanwhile: list[ModelView] = []
     compute = ClusterModel._compute_shapes
 
-    def spy(self: ClusterModel, policy: PlacementPolicy) -> object:
+    def spy(self: ClusterModel, policy: PlacementPolicy) -> TypicalShapes:
         seen_meanwhile.append(self.view())  # what a request arriving right now would read
         return compute(self, policy)
 
