@@ -60,12 +60,13 @@ def api_request(
     `HTTPError` (or `OSError`).
     """
     config = api_client.configuration
-    hdrs = {"Accept": "application/json", "Accept-Encoding": "gzip", **api_client.default_headers, **(headers or {})}
-    if api_client.cookie:
-        hdrs["Cookie"] = api_client.cookie
-    token = config.auth_settings().get("BearerToken")
-    if token and token.get("value"):
-        hdrs[token["key"]] = token["value"]
+    hdrs = {
+        "Accept": "application/json",
+        "Accept-Encoding": "gzip",
+        **_client_headers(api_client),
+        **(headers or {}),
+        **_auth_header(config),
+    }
     url = config.host + path
     if query:
         url += "?" + urlencode(query)
@@ -81,6 +82,20 @@ def api_request(
         raw.release_conn()
         raise ApiError(raw.status, raw.reason or "", data)
     return raw
+
+
+def _client_headers(api_client: Any) -> dict[str, str]:
+    """The client's own headers on every request: its defaults (the User-Agent) and its cookie."""
+    headers = dict(api_client.default_headers)
+    if api_client.cookie:
+        headers["Cookie"] = api_client.cookie
+    return headers
+
+
+def _auth_header(config: Any) -> dict[str, str]:
+    """The token of this moment: `auth_settings()` runs the configuration's refresh hook, as the client's calls do."""
+    token = config.auth_settings().get("BearerToken")
+    return {token["key"]: token["value"]} if token and token.get("value") else {}
 
 
 def _timeout(timeout: float | tuple[float, float] | None) -> urllib3.Timeout | None:
@@ -149,9 +164,7 @@ class CurlSession:
         else:
             options.append((pycurl.TIMEOUT_MS, int(timeout * 1000)))
         self._options = options
-        headers = {"Accept": "application/json", **api_client.default_headers}
-        if api_client.cookie:
-            headers["Cookie"] = api_client.cookie
+        headers = {"Accept": "application/json", **_client_headers(api_client)}
         headers["Expect"] = ""  # no 100-continue round trip before a body
         self._headers = [f"{k}: {v}" for k, v in headers.items()]
 
@@ -166,10 +179,7 @@ class CurlSession:
 
     def request_json(self, method: str, path: str, body: Any = None) -> Any:
         """Send one request on this thread's connection; return the parsed JSON answer (None when empty)."""
-        headers = list(self._headers)
-        token = self._config.auth_settings().get("BearerToken")
-        if token and token.get("value"):
-            headers.append(f"{token['key']}: {token['value']}")
+        headers = self._headers + [f"{k}: {v}" for k, v in _auth_header(self._config).items()]
         handle = self._handle()
         if body is None:
             handle.setopt(pycurl.HTTPGET, 1)
