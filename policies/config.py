@@ -23,7 +23,7 @@ class Weights(_Strict):
 
     fragmentation: float = Field(1.0, ge=0)
     best_fit: float = Field(0.0, ge=0, alias="bestFit")
-    packing: float = Field(0.01, ge=0)  # below one fragmentation step (0.04): it only breaks ties
+    packing: float = Field(0.01, ge=0)  # shares to GPUs in use; below one fragmentation step (0.04): only ties
     mig_fit: float = Field(1.0, ge=0, alias="migFit")
     utilization: float = Field(0.0, ge=0)
     # Below packing's step too: among placements equal in every other score, the node with fewer GPUs.

@@ -212,9 +212,9 @@ def test_fragmentation_steps_take_fgd_integer_steps_in_gpus():
     assert fragmentation_steps_score(c)[:, 0].tolist() == pytest.approx([0.48, -0.52])
 
 
-def test_default_policy_breaks_fragmentation_ties_toward_packing_then_node_order():
-    # Whole-GPU typical pods; a whole-GPU pod changes fragmentation by the same amount on both nodes,
-    # so packing (a node already in use) decides; between equals the first node wins.
+def test_default_policy_breaks_fragmentation_ties_by_node_order_not_by_a_node_in_use():
+    # Whole-GPU typical pods; a whole-GPU pod changes fragmentation by the same amount on every node, and packing
+    # prefers GPUs in use, not nodes: the first node wins although the others are in use.
     _, view = cluster(
         node("idle", gpus=2),
         node("used", gpus=2),
@@ -226,4 +226,27 @@ def test_default_policy_breaks_fragmentation_ties_toward_packing_then_node_order
     )
     policy = make_policy("default", typical_shapes([WHOLE_1]))
     evaluation = policy.evaluate(view, WHOLE_1, rows(view))
-    assert policy.choose(evaluation, np.random.default_rng(0)) == 1
+    assert policy.choose(evaluation, np.random.default_rng(0)) == 0
+
+
+def test_default_policy_sends_a_share_to_a_gpu_in_use_before_an_idle_gpu_anywhere():
+    # Two 250-milli shares fill a GPU's 500 free milli exactly or leave an idle GPU at 750: with 250-milli typical
+    # pods fragmentation is the same for all, and packing picks the GPU in use ("used", GPU 0). Between the
+    # idle GPUs of a node in use and of an idle node, node order decides.
+    share_250 = Demand(cpu_milli=1_000, memory_mib=1_024, gpu_count=1, gpu_milli=250)
+    policy = make_policy("default", typical_shapes([share_250]))
+    _, view = cluster(
+        node("idle", gpus=2),
+        node("used", gpus=2),
+        held=[Assignment("used", 1_000, 1_024, gpus=(0,), milli=500)],
+    )
+    evaluation = policy.evaluate(view, share_250, rows(view))
+    best = policy.choose(evaluation, np.random.default_rng(0))
+    assert best == 1 and int(evaluation.choice[best]) == 0
+    _, view = cluster(
+        node("idle", gpus=2),
+        node("used", gpus=2),
+        held=[Assignment("used", 1_000, 1_024, gpus=(0,), milli=1_000)],
+    )
+    evaluation = policy.evaluate(view, share_250, rows(view))
+    assert policy.choose(evaluation, np.random.default_rng(0)) == 0

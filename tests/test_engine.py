@@ -80,7 +80,7 @@ def test_equal_placements_go_to_the_node_with_fewer_gpus():
 
 
 def test_a_share_goes_to_the_gpu_it_fills_most_tightly_when_all_else_is_equal():
-    """GPUs 1 and 2 are both partly used (packing's level 2); the 300-milli share leaves GPU 1 at 700 milli and
+    """GPUs 1 and 2 are both partly used (packing's level 1); the 300-milli share leaves GPU 1 at 700 milli and
     GPU 2 at 900, so GPU 2 wins by the tight-fit bonus (without it, the tie goes to GPU 1), which stays far below
     one packing level."""
     from policies.scoring import TIGHT_FIT, Candidates, packing_score
@@ -92,7 +92,7 @@ def test_a_share_goes_to_the_gpu_it_fills_most_tightly_when_all_else_is_equal():
     snap = state.view()
     values = packing_score(Candidates(snap, np.arange(1), share, typical_shapes([share])))[0, :3]
     fills = np.array([0.3, 0.4 + 0.3, 0.6 + 0.3])  # each GPU's allocation after the share
-    np.testing.assert_allclose(values, [1, 2, 2] + TIGHT_FIT * fills)
+    np.testing.assert_allclose(values, [0, 1, 1] + TIGHT_FIT * fills)
 
     no_fragmentation = PlacementPolicy.model_validate({"weights": {"fragmentation": 0}})
     ev = evaluate(snap, share, np.arange(1), no_fragmentation, typical_shapes([share]))
