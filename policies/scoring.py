@@ -117,11 +117,11 @@ def packing_score(c: Candidates) -> np.ndarray:
 
     Among GPUs equal in every other way, the tightest fit (best fit per GPU) keeps the larger free pieces for the
     shares that come next. The preference is per GPU only: a node already in use is not preferred to an idle one.
-    What a placement costs the pods that need whole GPUs or whole nodes is fragmentation's to measure; a further
-    pull towards used nodes made each decision pack into whichever used node kube-scheduler's node sample held.
-    Replayed on the five openb pod lists (10 seeds, kube-scheduler mode, shipped profile), dropping that node
-    level gained 0.08 to 0.16 points of allocation at 130 % arrived on cpu100, default and gpushare40 and changed
-    gpuspec10 and multigpu30 by under 0.01; with every node in view (sim mode) `default` moved by +0.02."""
+    What a placement costs the pods that need whole GPUs or whole nodes is fragmentation's to measure, and a
+    further pull towards nodes in use lost allocation under kube-scheduler's node sample. Replayed on the five
+    openb pod lists (10 seeds, kube-scheduler mode, shipped profile), dropping that node level gained 0.08 to
+    0.16 points of allocation at 130 % arrived on cpu100, default and gpushare40 and changed gpuspec10 and
+    multigpu30 by under 0.01; with every node in view (sim mode) `default` moved by +0.02."""
     if c.demand.kind is not DemandKind.SHARE:
         return np.zeros((len(c.rows), 1))
     free = c.snapshot.gpu_free[c.rows]
