@@ -97,18 +97,12 @@ class _Cached:
     planned: Assignment | None = None  # the placement on the node scored 10, which bind will most likely get
     planned_row: int = -1
 
-    def still_valid(
-        self,
-        snapshot: ClusterSnapshot,
-        policy: PlacementPolicy,
-        shapes: TypicalShapes,
-        demand: Demand,
-        names: list[str],
-    ) -> bool:
+    def still_valid(self, view: ModelView, demand: Demand, names: list[str]) -> bool:
         """Scores depend on the policy, the typical shapes, the pod and the state of the scored rows only (ranks
         are relative among them), so changes to other nodes since leave the answer exact."""
-        if not (self._same_inputs(policy, shapes, demand) and self.names == names):
+        if not (self._same_inputs(view, demand) and self.names == names):
             return False
+        snapshot = view.snapshot
         if snapshot.generation == self.generation:
             return True
         rows = self.rows
@@ -116,20 +110,18 @@ class _Cached:
             return False
         return int(snapshot.row_version[rows].max()) <= self.generation
 
-    def _same_inputs(self, policy: PlacementPolicy, shapes: TypicalShapes, demand: Demand) -> bool:
-        return self.policy is policy and self.shapes is shapes and self.demand == demand
+    def _same_inputs(self, view: ModelView, demand: Demand) -> bool:
+        return self.policy is view.policy and self.shapes is view.shapes and self.demand == demand
 
-    def placement_on(
-        self, node: str, snapshot: ClusterSnapshot, policy: PlacementPolicy, shapes: TypicalShapes, demand: Demand
-    ) -> Assignment | None:
+    def placement_on(self, node: str, view: ModelView, demand: Demand) -> Assignment | None:
         """The planned placement, if bind asks for its node and nothing it depends on has changed: the choice
         of GPUs on a node depends only on that node's state, the pod, the policy and the typical shapes."""
         planned, row = self.planned, self.planned_row
-        if planned is None or planned.node != node or not 0 <= row < snapshot.size:
+        if planned is None or planned.node != node or not 0 <= row < view.snapshot.size:
             return None
-        if not self._same_inputs(policy, shapes, demand):
+        if not self._same_inputs(view, demand):
             return None
-        return planned if int(snapshot.row_version[row]) <= self.generation else None
+        return planned if int(view.snapshot.row_version[row]) <= self.generation else None
 
 
 class RowLookup:
@@ -239,25 +231,18 @@ class PlacementService:
         and shapes published with it. A caller that has read the view already passes it."""
         self._check_ready()
         demand = self.demand(pod)
-        view = view or self.model.view()
-        return self._fresh(demand, view.snapshot, view.policy, view.shapes, names, score, reuse)
+        return self._fresh(demand, view or self.model.view(), names, score, reuse)
 
     def _check_ready(self) -> None:
         if not self.model.ready:
             raise NotReadyError("the GPU extender's cluster view is not ready yet (initial list in progress)")
 
     def _fresh(
-        self,
-        demand: Demand,
-        snapshot: ClusterSnapshot,
-        policy: PlacementPolicy,
-        shapes: TypicalShapes,
-        names: list[str],
-        score: bool = True,
-        reuse: bool = True,
+        self, demand: Demand, view: ModelView, names: list[str], score: bool = True, reuse: bool = True
     ) -> _Decision:
         """The evaluation of `names`; with `reuse`, rows unchanged since this demand last met them are not
         evaluated again (their per-scorer components are then left out)."""
+        snapshot, policy, shapes = view.snapshot, view.policy, view.shapes
         rows, unknown = self._rows.lookup(snapshot, names)
         evaluation = self._evaluation(snapshot, policy, shapes, demand, rows, score, reuse)
         known = names if not unknown else [snapshot.names[r] for r in rows.tolist()]
@@ -351,13 +336,12 @@ class PlacementService:
         uid = pod_uid(pod)
         self.model.release_assumed(uid)
         view = self.model.view()
-        snapshot, policy, shapes = view.snapshot, view.policy, view.shapes
         entry = self.score_cache.get(uid)
-        if entry is not None and entry.still_valid(snapshot, policy, shapes, demand, names):
+        if entry is not None and entry.still_valid(view, demand, names):
             self.score_cache.hits += 1
         else:
             self.score_cache.misses += 1
-            entry = self._score(uid, self._fresh(demand, snapshot, policy, shapes, names))
+            entry = self._score(uid, self._fresh(demand, view, names))
         return list(entry.answer)
 
     def after_prioritize(self, pod: Mapping[str, Any]) -> None:
@@ -474,14 +458,13 @@ class PlacementService:
         if demand is None:  # we restarted since filter, or another replica filtered: read the pod
             demand = self.demand(self.binder.get_pod(namespace, name))
         view = self.model.view()
-        snapshot, policy, shapes = view.snapshot, view.policy, view.shapes
         entry = self.score_cache.get(uid)
-        planned = entry.placement_on(node, snapshot, policy, shapes, demand) if entry is not None else None
+        planned = entry.placement_on(node, view, demand) if entry is not None else None
         if planned is not None:
             self.score_cache.planned_hits += 1
             return planned
         try:
-            assignment, reason = place_on_node(snapshot, demand, node, policy, shapes)
+            assignment, reason = place_on_node(view.snapshot, demand, node, view.policy, view.shapes)
         except KeyError:
             raise BindError(f"{UNKNOWN_NODE}: {node}") from None
         if assignment is None:
