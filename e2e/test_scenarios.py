@@ -486,12 +486,18 @@ def _replay_policy() -> str:
 
     counts = Counter(d.shape for d in _replay_pods().demands)
     mix = typical_shapes_of(counts, coverage=SHAPE_COVERAGE)
-    columns = (mix.cpu_milli.tolist(), mix.gpu_count.tolist(), mix.gpu_milli.tolist(), mix.allowed_models)
+    columns = (
+        mix.cpu_milli.tolist(),
+        mix.gpu_count.tolist(),
+        mix.gpu_milli.tolist(),
+        mix.allowed_models,
+        mix.memory_mib.tolist(),
+    )
     default = []
-    for cpu, gpus, milli, models in zip(*columns, strict=True):
+    for cpu, gpus, milli, models, memory in zip(*columns, strict=True):
         # Pod counts as weights: the model keeps weights to a thousandth of a unit, so counts stay exact.
-        shape = {"cpuMilli": cpu, "gpuCount": gpus, "gpuMilli": milli, "models": sorted(models)}
-        default.append({**shape, "weight": counts[(cpu, gpus, milli, models)]})
+        shape = {"cpuMilli": cpu, "gpuCount": gpus, "gpuMilli": milli, "models": sorted(models), "memoryMib": memory}
+        default.append({**shape, "weight": counts[(cpu, gpus, milli, models, memory)]})
     document = yaml.safe_load(POLICY.read_text())
     document["typicalShapes"] = {"learnFromCluster": False, "default": default}
     return yaml.safe_dump(document, sort_keys=False)

@@ -34,6 +34,7 @@ class ShapeSpec(_Strict):
     """A pod shape that is expected to arrive, for fragmentation before the cluster has taught us its mix."""
 
     cpu_milli: int = Field(0, ge=0, alias="cpuMilli")
+    memory_mib: int = Field(0, ge=0, alias="memoryMib")
     gpu_count: int = Field(0, ge=0, le=64, alias="gpuCount")
     gpu_milli: int = Field(0, ge=0, le=1000, alias="gpuMilli")
     models: list[str] = Field(default_factory=list)
@@ -50,6 +51,7 @@ class ShapeSpec(_Strict):
     def demand(self) -> Demand:
         return Demand(
             cpu_milli=self.cpu_milli,
+            memory_mib=self.memory_mib,
             gpu_count=self.gpu_count,
             gpu_milli=self.gpu_milli,
             allowed_models=frozenset(self.models),

@@ -78,9 +78,10 @@ class Demand:
         return self.gpu_milli / MILLI_PER_GPU
 
     @property
-    def shape(self) -> tuple[int, int, int, frozenset[str]]:
-        """The key that groups pods into "typical shapes" for fragmentation: memory is deliberately left out."""
-        return (self.cpu_milli, self.gpu_count, self.gpu_milli, self.allowed_models)
+    def shape(self) -> tuple[int, int, int, frozenset[str], int]:
+        """The key that groups pods into "typical shapes" for fragmentation: CPU, GPUs, GPU models and memory (a
+        node out of memory strands its GPUs as surely as one out of CPU)."""
+        return (self.cpu_milli, self.gpu_count, self.gpu_milli, self.allowed_models, self.memory_mib)
 
 
 def model_allowed(model: str, allowed: frozenset[str]) -> bool:

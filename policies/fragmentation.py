@@ -4,6 +4,9 @@ For one typical pod shape, a node's fragment is the idle GPU capacity that shape
 shape cannot be placed on the node at all (or asks no GPU), otherwise only the GPUs whose leftover is smaller than
 the shape's per-GPU request. A node's fragmentation is the popularity-weighted sum over the typical shapes.
 Placing a pod well means increasing it as little as possible.
+
+FGD's shapes are CPU, GPUs and GPU model; ours add the pod's memory, so a node whose memory runs out before its GPUs
+counts them as stranded (`typical_shapes(..., memory=False)` gives FGD's definition).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class TypicalShapes:
     """The pod shapes that usually arrive, with their popularity (weights sum to 1)."""
 
     cpu_milli: np.ndarray  # int64 [S]
+    memory_mib: np.ndarray  # int64 [S], 0 where memory is not part of the shape
     gpu_count: np.ndarray  # int64 [S]
     gpu_milli: np.ndarray  # int64 [S], 0 for CPU-only shapes
     allowed_models: tuple[frozenset[str], ...]
@@ -37,7 +41,7 @@ class TypicalShapes:
         """The same shapes with the same weights (whatever object holds them)."""
         return self.allowed_models == other.allowed_models and all(
             np.array_equal(getattr(self, name), getattr(other, name))
-            for name in ("cpu_milli", "gpu_count", "gpu_milli", "weight")
+            for name in ("cpu_milli", "memory_mib", "gpu_count", "gpu_milli", "weight")
         )
 
     def model_ok(self, snapshot: ClusterSnapshot) -> np.ndarray:
@@ -52,18 +56,24 @@ class TypicalShapes:
         return cached
 
 
-def typical_shapes(demands: Iterable[Demand], coverage: float = 0.95) -> TypicalShapes:
+def typical_shapes(demands: Iterable[Demand], coverage: float = 0.95, memory: bool = True) -> TypicalShapes:
     """The most frequent shapes that together cover `coverage` of the pods, weights renormalised.
 
-    CPU-only shapes are included: they consume the CPU that GPU pods need, which strands GPUs too.
+    CPU-only shapes are included: they consume the CPU that GPU pods need, which strands GPUs too. Without
+    `memory`, pods that differ only in memory count as one shape, as FGD defines them.
     """
-    return typical_shapes_of(Counter(d.shape for d in demands), coverage)
+    return typical_shapes_of(Counter(d.shape for d in demands), coverage, memory)
 
 
-def typical_shapes_of(counts: Counter[tuple], coverage: float = 0.95) -> TypicalShapes:
+def typical_shapes_of(counts: Counter[tuple], coverage: float = 0.95, memory: bool = True) -> TypicalShapes:
     """`typical_shapes` from pod counts per shape (`Demand.shape`), for a caller that keeps them up to date."""
     if not counts:
         raise ValueError("typical shapes need at least one pod")
+    if not memory:
+        merged: Counter[tuple] = Counter()
+        for shape, count in counts.items():
+            merged[(*shape[:4], 0)] += count
+        counts = merged
     total = sum(counts.values())
     chosen, covered = [], 0
     for shape, count in counts.most_common():
@@ -74,6 +84,7 @@ def typical_shapes_of(counts: Counter[tuple], coverage: float = 0.95) -> Typical
     weights = np.array([c for _, c in chosen], dtype=np.float64)
     return TypicalShapes(
         cpu_milli=np.array([s[0] for s, _ in chosen], dtype=np.int64),
+        memory_mib=np.array([s[4] for s, _ in chosen], dtype=np.int64),
         gpu_count=np.array([s[1] for s, _ in chosen], dtype=np.int64),
         gpu_milli=np.array([s[2] for s, _ in chosen], dtype=np.int64),
         allowed_models=tuple(s[3] for s, _ in chosen),
@@ -81,9 +92,7 @@ def typical_shapes_of(counts: Counter[tuple], coverage: float = 0.95) -> Typical
     )
 
 
-def _frag_terms(
-    free: np.ndarray, cpu_free: np.ndarray, accessible: np.ndarray, shapes: TypicalShapes
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _frag_terms(free: np.ndarray, shapes: TypicalShapes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per (node, shape): GPUs the shape fits on, idle milli on GPUs too small for it, and total idle milli."""
     ge = free[:, :, None] >= shapes.gpu_milli[None, None, :]  # [R, G, S]
     count = ge.sum(axis=1)  # [R, S]
@@ -97,11 +106,13 @@ def _combine(
     below: np.ndarray,
     idle: np.ndarray,
     cpu_free: np.ndarray,
+    mem_free: np.ndarray,
     accessible: np.ndarray,
     shapes: TypicalShapes,
 ) -> np.ndarray:
     """Weighted fragmentation from the per-shape terms; broadcasts over any leading candidate axes."""
-    fits = (count >= shapes.gpu_count) & (cpu_free[..., None] >= shapes.cpu_milli) & accessible & (shapes.gpu_milli > 0)
+    fits = (count >= shapes.gpu_count) & accessible & (shapes.gpu_milli > 0)
+    fits &= (cpu_free[..., None] >= shapes.cpu_milli) & (mem_free[..., None] >= shapes.memory_mib)
     frag = np.where(fits, below, idle[..., None])
     # An elementwise product summed along the last axis gives each node the same bits whatever the batch it is
     # evaluated in (a matrix product may not), so identical nodes tie exactly.
@@ -114,30 +125,29 @@ def _accessible(snapshot: ClusterSnapshot, rows: np.ndarray, shapes: TypicalShap
 
 def node_fragmentation(snapshot: ClusterSnapshot, rows: np.ndarray, shapes: TypicalShapes) -> np.ndarray:
     """Expected fragmented GPU capacity (milli-GPU) of each node in `rows` for the typical shapes."""
-    free = snapshot.gpu_free[rows]
-    cpu = snapshot.cpu_free[rows]
     accessible = _accessible(snapshot, rows, shapes)
-    count, below, idle = _frag_terms(free, cpu, accessible, shapes)
-    return _combine(count, below, idle, cpu, accessible, shapes)
+    count, below, idle = _frag_terms(snapshot.gpu_free[rows], shapes)
+    return _combine(count, below, idle, snapshot.cpu_free[rows], snapshot.mem_free[rows], accessible, shapes)
 
 
 def _node_terms(snapshot: ClusterSnapshot, rows: np.ndarray, shapes: TypicalShapes):
     free = snapshot.gpu_free[rows].astype(np.int64)
     accessible = _accessible(snapshot, rows, shapes)
-    count, below, idle = _frag_terms(free, snapshot.cpu_free[rows], accessible, shapes)
+    count, below, idle = _frag_terms(free, shapes)
     return free, accessible, count, below, idle
 
 
 def _after(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: TypicalShapes, terms) -> np.ndarray:
     free, accessible, count, below, idle = terms
     cpu_after = snapshot.cpu_free[rows] - demand.cpu_milli
+    mem_after = snapshot.mem_free[rows] - demand.memory_mib
     m = shapes.gpu_milli
     if demand.gpu_count == 0 or demand.mig_profile:
-        return _combine(count, below, idle, cpu_after, accessible, shapes)[:, None]
+        return _combine(count, below, idle, cpu_after, mem_after, accessible, shapes)[:, None]
     if demand.gpu_milli >= 1000:
         taken = demand.gpu_count * 1000
         # Full GPUs fit every shape (m <= 1000), so each one taken lowers every shape's count by one.
-        result = _combine(count - demand.gpu_count, below, idle - taken, cpu_after, accessible, shapes)
+        result = _combine(count - demand.gpu_count, below, idle - taken, cpu_after, mem_after, accessible, shapes)
         return result[:, None]
     # A share on GPU j changes only GPU j's terms.
     before = free[:, :, None]  # [R, G, 1]
@@ -145,7 +155,7 @@ def _after(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: 
     count_j = count[:, None, :] - (before >= m) + (after >= m)  # [R, G, S]
     below_j = below[:, None, :] - np.where(before < m, before, 0) + np.where(after < m, after, 0)
     idle_j = (idle - demand.gpu_milli)[:, None]  # [R, 1]: the same whichever GPU takes the share
-    frag = _combine(count_j, below_j, idle_j, cpu_after[:, None], accessible[:, None, :], shapes)
+    frag = _combine(count_j, below_j, idle_j, cpu_after[:, None], mem_after[:, None], accessible[:, None, :], shapes)
     return np.where(free >= demand.gpu_milli, frag, np.inf)
 
 
@@ -184,19 +194,17 @@ def fragmentation_delta(
 def _distinct_states(
     snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: TypicalShapes
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Rows whose fragmentation terms are identical: same model, same free milli on every GPU, and CPU on the same
-    side of every shape's CPU request before and after the placement (CPU enters only through those
+    """Rows whose fragmentation terms are identical: same model, same free milli on every GPU, and CPU and memory
+    on the same side of every shape's request before and after the placement (they enter only through those
     comparisons). Returns the index of one row per state and, for every row, its state."""
-    thresholds = np.sort(shapes.cpu_milli)
-    cpu = snapshot.cpu_free[rows]
-    key = np.column_stack(
-        (
-            snapshot.model_id[rows].astype(np.int64),
-            snapshot.gpu_free[rows].astype(np.int64),
-            np.searchsorted(thresholds, cpu, side="right"),
-            np.searchsorted(thresholds, cpu - demand.cpu_milli, side="right"),
-        )
-    )
+    sides = []
+    for free, asked, requests in (
+        (snapshot.cpu_free[rows], demand.cpu_milli, shapes.cpu_milli),
+        (snapshot.mem_free[rows], demand.memory_mib, shapes.memory_mib),
+    ):
+        thresholds = np.sort(requests)
+        sides += [np.searchsorted(thresholds, left, side="right") for left in (free, free - asked)]
+    key = np.column_stack((snapshot.model_id[rows].astype(np.int64), snapshot.gpu_free[rows].astype(np.int64), *sides))
     packed = np.ascontiguousarray(key).view(np.dtype((np.void, key.dtype.itemsize * key.shape[1]))).ravel()
     _, first, inverse = np.unique(packed, return_index=True, return_inverse=True)
     return first, inverse.ravel()
@@ -205,7 +213,7 @@ def _distinct_states(
 def _delta(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: TypicalShapes) -> np.ndarray:
     terms = _node_terms(snapshot, rows, shapes)  # the per-GPU terms do not depend on CPU: shared by both sides
     _, accessible, count, below, idle = terms
-    before = _combine(count, below, idle, snapshot.cpu_free[rows], accessible, shapes)
+    before = _combine(count, below, idle, snapshot.cpu_free[rows], snapshot.mem_free[rows], accessible, shapes)
     return _after(snapshot, rows, demand, shapes, terms) - before[:, None]
 
 

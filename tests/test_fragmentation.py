@@ -27,9 +27,20 @@ def test_typical_shapes_keep_the_most_common_until_coverage():
     np.testing.assert_allclose(shapes.weight, [6 / 9, 3 / 9])
 
 
-def test_memory_is_not_part_of_the_shape():
-    pods = [Demand(cpu_milli=1000, memory_mib=m, gpu_count=1, gpu_milli=500) for m in (1, 2, 3)]
-    assert typical_shapes(pods).size == 1
+def test_memory_is_part_of_the_shape_unless_asked_as_fgd_defines_it():
+    pods = [Demand(cpu_milli=1000, memory_mib=m, gpu_count=1, gpu_milli=500) for m in (1, 2, 2, 3)]
+    assert typical_shapes(pods, coverage=1.0).memory_mib.tolist() == [2, 1, 3]
+    fgd = typical_shapes(pods, coverage=0.5, memory=False)
+    assert fgd.size == 1 and fgd.memory_mib.tolist() == [0] and fgd.gpu_milli.tolist() == [500]
+
+
+def test_a_node_out_of_memory_strands_its_gpus():
+    shapes = typical_shapes([Demand(cpu_milli=1000, memory_mib=8192, gpu_count=1, gpu_milli=1000)])
+    state = ClusterState([node("roomy", gpus=2), node("tight", gpus=2, mem=4096)])
+    np.testing.assert_allclose(node_fragmentation(state.view(), np.arange(2), shapes), [0.0, 2000.0])
+    # A CPU-only pod that would take the memory a GPU pod needs strands both GPUs of the node it lands on.
+    hungry = Demand(cpu_milli=1000, memory_mib=131_072 - 4096)
+    np.testing.assert_allclose(fragmentation_delta(state.view(), np.arange(2), hungry, shapes), [[2000.0], [0.0]])
 
 
 def test_fragmentation_by_hand(shapes):
@@ -69,14 +80,15 @@ def test_gpu_model_constraint_strands_capacity():
     np.testing.assert_allclose(node_fragmentation(state.view(), np.arange(2), shapes), [1000.0, 0.0])
 
 
-def test_identical_nodes_are_evaluated_once_with_the_same_result(shapes):
+def test_identical_nodes_are_evaluated_once_with_the_same_result():
     from policies.fragmentation import DEDUPLICATE_FROM, _delta
 
-    nodes = [node(f"n{i}", gpus=2, cpu=1000 * (i % 7)) for i in range(DEDUPLICATE_FROM + 40)]
+    nodes = [node(f"n{i}", gpus=2, cpu=1000 * (i % 7), mem=1024 * (i % 5)) for i in range(DEDUPLICATE_FROM + 40)]
     state = ClusterState(nodes)
     for i in range(0, len(nodes), 3):
         state.apply(f"p{i}", Assignment(f"n{i}", gpus=(i % 2,), milli=100 * (i % 10)))
     rows = np.arange(len(nodes))
-    for pod in (Demand(cpu_milli=500, gpu_count=1, gpu_milli=300), WHOLE, CPU_ONLY):
+    shapes = typical_shapes([SHARE, WHOLE, Demand(cpu_milli=1000, memory_mib=2048, gpu_count=1, gpu_milli=1000)])
+    for pod in (Demand(cpu_milli=500, memory_mib=1024, gpu_count=1, gpu_milli=300), WHOLE, CPU_ONLY):
         expected = _delta(state.view(), rows, pod, shapes)
         np.testing.assert_array_equal(fragmentation_delta(state.view(), rows, pod, shapes), expected)

@@ -53,8 +53,8 @@ def _pods(path: str) -> PodList:
 
 
 @cache
-def _shapes(path: str) -> TypicalShapes:
-    return typical_shapes(_pods(path).demands, coverage=SHAPE_COVERAGE)
+def _shapes(path: str, memory: bool = True) -> TypicalShapes:
+    return typical_shapes(_pods(path).demands, coverage=SHAPE_COVERAGE, memory=memory)
 
 
 @cache
@@ -74,12 +74,15 @@ def workload_for_seed(task: Task):
 
 def run_task(task: Task) -> RunResult:
     ordered, demands = workload_for_seed(task)
-    shapes = _shapes(task.pods)
+    # The published baselines and the reported fragmentation follow FGD's definition of a shape; ours adds memory.
+    published = _shapes(task.pods, memory=False)
     placement = _placement(task.policy_file)
-    policy = make_policy(task.policy, shapes, placement)
+    policy = make_policy(task.policy, _shapes(task.pods) if task.policy == "default" else published, placement)
     kube = task.kube.serving(placement.extender_scoring)
     rng = np.random.default_rng([task.seed, 1])  # the policy's and the scheduler's own draws
-    return replay(task.workload, ordered, demands, policy, shapes, task.seed, rng, task.mode, kube, verify=task.verify)
+    return replay(
+        task.workload, ordered, demands, policy, published, task.seed, rng, task.mode, kube, verify=task.verify
+    )
 
 
 class Progress:
