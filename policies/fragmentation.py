@@ -211,7 +211,7 @@ def _distinct_states(
 
 
 def _delta(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: TypicalShapes) -> np.ndarray:
-    terms = _node_terms(snapshot, rows, shapes)  # the per-GPU terms do not depend on CPU: shared by both sides
+    terms = _node_terms(snapshot, rows, shapes)  # the per-GPU terms do not depend on CPU or memory: shared by both
     _, accessible, count, below, idle = terms
     before = _combine(count, below, idle, snapshot.cpu_free[rows], snapshot.mem_free[rows], accessible, shapes)
     return _after(snapshot, rows, demand, shapes, terms) - before[:, None]
