@@ -79,6 +79,33 @@ def test_reads_openb_csvs(tmp_path):
     assert pods.demands[2].allowed_models == frozenset({"P100", "T4"})
 
 
+def test_published_baselines_and_the_reported_fragmentation_leave_memory_out_of_shapes(tmp_path, monkeypatch):
+    from scheduler.simulator import runner
+
+    (tmp_path / "nodes.csv").write_text("sn,cpu_milli,memory_mib,gpu,model\nn0,64000,262144,2,P100\n")
+    (tmp_path / "pods.csv").write_text(
+        "name,cpu_milli,memory_mib,num_gpu,gpu_milli\np0,1000,2048,1,500\np1,1000,4096,1,500\n"
+    )
+    decided, reported = {}, {}
+    make_policy, replay = runner.make_policy, runner.replay
+
+    def spy_make_policy(name, shapes, placement):
+        decided[name] = shapes
+        return make_policy(name, shapes, placement)
+
+    def spy_replay(workload, nodes, demands, policy, shapes, *args, **kwargs):
+        reported[policy.label] = shapes
+        return replay(workload, nodes, demands, policy, shapes, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "make_policy", spy_make_policy)
+    monkeypatch.setattr(runner, "replay", spy_replay)
+    for name in ("fgd", "default"):
+        runner.run_task(runner.Task(str(tmp_path / "nodes.csv"), str(tmp_path / "pods.csv"), name, "sim", 0))
+    assert decided["fgd"].memory_mib.tolist() == [0] and decided["fgd"].weight.tolist() == [1.0]
+    assert sorted(decided["default"].memory_mib.tolist()) == [2048, 4096]
+    assert len(reported) == 2 and all(shapes.memory_mib.tolist() == [0] for shapes in reported.values())
+
+
 # -- metrics -------------------------------------------------------------------------------------------------
 
 
