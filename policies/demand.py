@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from policies.inventory import MILLI_PER_GPU
 
@@ -21,6 +22,16 @@ class LatencyClass(StrEnum):
 
     INTERACTIVE = "interactive"
     BATCH = "batch"
+
+
+class Shape(NamedTuple):
+    """The key that groups pods into "typical shapes" for fragmentation."""
+
+    cpu_milli: int
+    gpu_count: int
+    gpu_milli: int
+    allowed_models: frozenset[str]
+    memory_mib: int
 
 
 @dataclass(frozen=True)
@@ -78,10 +89,9 @@ class Demand:
         return self.gpu_milli / MILLI_PER_GPU
 
     @property
-    def shape(self) -> tuple[int, int, int, frozenset[str], int]:
-        """The key that groups pods into "typical shapes" for fragmentation: CPU, GPUs, GPU models and memory (a
-        node out of memory strands its GPUs as surely as one out of CPU)."""
-        return (self.cpu_milli, self.gpu_count, self.gpu_milli, self.allowed_models, self.memory_mib)
+    def shape(self) -> Shape:
+        """CPU, GPUs, GPU models and memory: a node out of memory strands its GPUs as surely as one out of CPU."""
+        return Shape(self.cpu_milli, self.gpu_count, self.gpu_milli, self.allowed_models, self.memory_mib)
 
 
 def model_allowed(model: str, allowed: frozenset[str]) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from policies.demand import Demand, model_allowed
+from policies.demand import Demand, Shape, model_allowed
 from policies.state import ClusterSnapshot
 
 
@@ -65,14 +65,14 @@ def typical_shapes(demands: Iterable[Demand], coverage: float = 0.95, memory: bo
     return typical_shapes_of(Counter(d.shape for d in demands), coverage, memory)
 
 
-def typical_shapes_of(counts: Counter[tuple], coverage: float = 0.95, memory: bool = True) -> TypicalShapes:
+def typical_shapes_of(counts: Counter[Shape], coverage: float = 0.95, memory: bool = True) -> TypicalShapes:
     """`typical_shapes` from pod counts per shape (`Demand.shape`), for a caller that keeps them up to date."""
     if not counts:
         raise ValueError("typical shapes need at least one pod")
     if not memory:
-        merged: Counter[tuple] = Counter()
+        merged: Counter[Shape] = Counter()
         for shape, count in counts.items():
-            merged[(*shape[:4], 0)] += count
+            merged[shape._replace(memory_mib=0)] += count
         counts = merged
     total = sum(counts.values())
     chosen, covered = [], 0
@@ -83,11 +83,11 @@ def typical_shapes_of(counts: Counter[tuple], coverage: float = 0.95, memory: bo
         covered += count
     weights = np.array([c for _, c in chosen], dtype=np.float64)
     return TypicalShapes(
-        cpu_milli=np.array([s[0] for s, _ in chosen], dtype=np.int64),
-        memory_mib=np.array([s[4] for s, _ in chosen], dtype=np.int64),
-        gpu_count=np.array([s[1] for s, _ in chosen], dtype=np.int64),
-        gpu_milli=np.array([s[2] for s, _ in chosen], dtype=np.int64),
-        allowed_models=tuple(s[3] for s, _ in chosen),
+        cpu_milli=np.array([s.cpu_milli for s, _ in chosen], dtype=np.int64),
+        memory_mib=np.array([s.memory_mib for s, _ in chosen], dtype=np.int64),
+        gpu_count=np.array([s.gpu_count for s, _ in chosen], dtype=np.int64),
+        gpu_milli=np.array([s.gpu_milli for s, _ in chosen], dtype=np.int64),
+        allowed_models=tuple(s.allowed_models for s, _ in chosen),
         weight=weights / weights.sum(),
     )
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from policies.config import PlacementPolicy
-from policies.demand import Demand, DemandKind
+from policies.demand import Demand, DemandKind, Shape
 from policies.engine import place_on_node
 from policies.fragmentation import TypicalShapes, typical_shapes_of
 from policies.inventory import Assignment, NodeInventory
@@ -51,7 +51,7 @@ class ClusterModel:
         self._clock = clock
         self._reservations: dict[str, Reservation] = {}
         self._observed: dict[str, Demand] = {}  # bound pods' demands, for the typical-shape mix
-        self._observed_shapes: Counter[tuple] = Counter()  # their shapes, kept as pods come and go
+        self._observed_shapes: Counter[Shape] = Counter()  # their shapes, kept as pods come and go
         self._guessed: dict[str, Demand] = {}  # pods bound without our record, whose GPUs we chose ourselves
         self._ready = False
         self._view = ModelView(self._state.snapshot(), policy, self._compute_shapes(policy))
@@ -310,7 +310,7 @@ class ClusterModel:
         spec = policy.typical_shapes
         if spec.learn_from_cluster and len(self._observed) >= spec.min_observed_pods:
             return typical_shapes_of(self._observed_shapes, spec.coverage)
-        weighted: Counter[tuple] = Counter()
+        weighted: Counter[Shape] = Counter()
         for shape in spec.default:
             weighted[shape.demand().shape] += max(1, round(shape.weight * 1000))
         return typical_shapes_of(weighted, coverage=1.0)
