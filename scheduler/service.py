@@ -390,8 +390,9 @@ class PlacementService:
 
     def explain(self, pod: Mapping[str, Any], names: list[str] | None = None) -> list[dict[str, Any]]:
         """Why each node would or would not take the pod: reason, raw score, each scorer's part, placement."""
-        names = list(self.model.snapshot().names) if names is None else names
-        decision = self._evaluate(pod, names, reuse=False)  # with every scorer's part
+        view = self.model.view()  # every node of the snapshot the pod is then decided on
+        names = list(view.snapshot.names) if names is None else names
+        decision = self._evaluate(pod, names, reuse=False, view=view)  # with every scorer's part
         evaluation = decision.evaluation
         scores = extender_scores(evaluation, decision.policy.extender_scoring.mode)
         out: list[dict[str, Any]] = []
