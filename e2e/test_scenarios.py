@@ -481,6 +481,7 @@ def _replay_policy() -> str:
     Left to learn, the live extender would start from the policy's default mix and then follow the pods bound so
     far, cluster-wide and on its own refresh timer, so the prediction would not see the inputs it decided on.
     Learning is covered by the unit tests of the cluster model."""
+    from policies.demand import Shape
     from policies.fragmentation import typical_shapes_of
     from scheduler.simulator.runner import SHAPE_COVERAGE
 
@@ -497,7 +498,7 @@ def _replay_policy() -> str:
     for cpu, gpus, milli, models, memory in zip(*columns, strict=True):
         # Pod counts as weights: the model keeps weights to a thousandth of a unit, so counts stay exact.
         shape = {"cpuMilli": cpu, "gpuCount": gpus, "gpuMilli": milli, "models": sorted(models), "memoryMib": memory}
-        default.append({**shape, "weight": counts[(cpu, gpus, milli, models, memory)]})
+        default.append({**shape, "weight": counts[Shape(cpu, gpus, milli, models, memory)]})
     document = yaml.safe_load(POLICY.read_text())
     document["typicalShapes"] = {"learnFromCluster": False, "default": default}
     return yaml.safe_dump(document, sort_keys=False)
