@@ -306,6 +306,12 @@ POLICY_NAMES: tuple[str, ...] = ("random", "dotprod", "gpu-clustering", "gpu-pac
 OTHER_POLICY_NAMES: tuple[str, ...] = ("first-fit",)
 
 
+def shapes_count_memory(name: str) -> bool:
+    """Whether the policy of that name wants typical shapes that count the pods' memory: the extender's engine
+    does; the published baselines keep FGD's definition of a shape (CPU, GPUs, GPU models)."""
+    return name == "default"
+
+
 def make_policy(name: str, shapes: TypicalShapes, placement: PlacementPolicy | None = None) -> BasePolicy:
     """A fresh policy instance by its command-line name (policies may keep per-run state)."""
     if name == "random":

@@ -52,11 +52,9 @@ class Binder(Protocol):
 
 @dataclass(frozen=True)
 class _Decision:
-    """One evaluation of a pod over requested names, with everything it was computed from."""
+    """One evaluation of a pod over requested names, with the view (snapshot, policy, shapes) it was computed from."""
 
-    snapshot: ClusterSnapshot
-    policy: PlacementPolicy
-    shapes: TypicalShapes
+    view: ModelView
     demand: Demand
     evaluation: Evaluation
     names: list[str]  # as requested
@@ -242,27 +240,20 @@ class PlacementService:
     ) -> _Decision:
         """The evaluation of `names`; with `reuse`, rows unchanged since this demand last met them are not
         evaluated again (their per-scorer components are then left out)."""
-        snapshot, policy, shapes = view.snapshot, view.policy, view.shapes
-        rows, unknown = self._rows.lookup(snapshot, names)
-        evaluation = self._evaluation(snapshot, policy, shapes, demand, rows, score, reuse)
-        known = names if not unknown else [snapshot.names[r] for r in rows.tolist()]
-        return _Decision(snapshot, policy, shapes, demand, evaluation, names, known, unknown, score)
+        rows, unknown = self._rows.lookup(view.snapshot, names)
+        evaluation = self._evaluation(view, demand, rows, score, reuse)
+        known = names if not unknown else [view.snapshot.names[r] for r in rows.tolist()]
+        return _Decision(view, demand, evaluation, names, known, unknown, score)
 
     def _evaluation(
-        self,
-        snapshot: ClusterSnapshot,
-        policy: PlacementPolicy,
-        shapes: TypicalShapes,
-        demand: Demand,
-        rows: np.ndarray,
-        score: bool,
-        reuse: bool = True,
+        self, view: ModelView, demand: Demand, rows: np.ndarray, score: bool, reuse: bool = True
     ) -> Evaluation:
+        snapshot, policy, shapes = view.snapshot, view.policy, view.shapes
         if not reuse:  # explain: afresh, with every scorer's part
             return evaluate(snapshot, demand, rows, policy, shapes, score=score, components=True)
         if may_borrow(demand, policy.overcommit):  # borrowed placements are ranked against each other
             return evaluate(snapshot, demand, rows, policy, shapes, score=score)
-        return self._reusable(snapshot, policy, shapes).evaluate(
+        return self._reusable(view).evaluate(
             demand,
             rows,
             snapshot.row_version,
@@ -271,11 +262,11 @@ class PlacementService:
             score,
         )
 
-    def _reusable(self, snapshot: ClusterSnapshot, policy: PlacementPolicy, shapes: TypicalShapes) -> EvaluationCache:
+    def _reusable(self, view: ModelView) -> EvaluationCache:
         """The per-row results for this node set, policy and typical shapes (started afresh when one changes)."""
-        basis = (snapshot.index, policy, shapes)
+        basis = (view.snapshot.index, view.policy, view.shapes)
         if not all(a is b for a, b in zip(basis, self._reuse_basis, strict=True)):
-            self.evaluations.reset(snapshot.size)
+            self.evaluations.reset(view.snapshot.size)
             self._reuse_basis = basis
         return self.evaluations
 
@@ -326,7 +317,9 @@ class PlacementService:
         if len(outcome.passed) > 1:
             self._score(uid, decision.feasible_part(outcome.passed))
         elif outcome.shortlisted:
-            self._hold_best(uid, decision.policy, assign(decision.snapshot, decision.demand, decision.evaluation, 0))
+            self._hold_best(
+                uid, decision.view.policy, assign(decision.view.snapshot, decision.demand, decision.evaluation, 0)
+            )
 
     def prioritize(self, pod: Mapping[str, Any], names: list[str]) -> list[tuple[str, int]]:
         """Scores 0..10 for `names`: the answer computed ahead when nothing it depends on has changed since,
@@ -361,15 +354,16 @@ class PlacementService:
     def _score(self, uid: str, decision: _Decision) -> _Cached:
         """Prioritize's answer for a decision, and the placement on its best node; remembered for the pod."""
         evaluation = self._scored(decision)
-        scores = extender_scores(evaluation, decision.policy.extender_scoring.mode)
+        view = decision.view
+        scores = extender_scores(evaluation, view.policy.extender_scoring.mode)
         answer = (*zip(decision.known, scores.tolist(), strict=True), *((name, 0) for name in decision.unknown))
         rows = evaluation.rows if not decision.unknown else np.empty(0, dtype=np.int64)
         best = evaluation.best()
-        planned = assign(decision.snapshot, decision.demand, evaluation, best) if best is not None else None
+        planned = assign(view.snapshot, decision.demand, evaluation, best) if best is not None else None
         entry = _Cached(
-            decision.snapshot.generation,
-            decision.policy,
-            decision.shapes,
+            view.snapshot.generation,
+            view.policy,
+            view.shapes,
             decision.demand,
             decision.names,
             rows,
@@ -384,9 +378,7 @@ class PlacementService:
         """The decision's evaluation with scores (computed now if the decision was made without them)."""
         if decision.scored:
             return decision.evaluation
-        return self._evaluation(
-            decision.snapshot, decision.policy, decision.shapes, decision.demand, decision.evaluation.rows, score=True
-        )
+        return self._evaluation(decision.view, decision.demand, decision.evaluation.rows, score=True)
 
     def explain(self, pod: Mapping[str, Any], names: list[str] | None = None) -> list[dict[str, Any]]:
         """Why each node would or would not take the pod: reason, raw score, each scorer's part, placement."""
@@ -394,7 +386,7 @@ class PlacementService:
         names = list(view.snapshot.names) if names is None else names
         decision = self._evaluate(pod, names, reuse=False, view=view)  # with every scorer's part
         evaluation = decision.evaluation
-        scores = extender_scores(evaluation, decision.policy.extender_scoring.mode)
+        scores = extender_scores(evaluation, view.policy.extender_scoring.mode)
         out: list[dict[str, Any]] = []
         order: dict[str, tuple[bool, float, int]] = {}  # best first, ties as `Evaluation.best` breaks them
         for i, name in enumerate(decision.known):
@@ -407,7 +399,7 @@ class PlacementService:
             if evaluation.feasible[i]:
                 entry["raw"] = float(evaluation.scores[i])
                 entry["components"] = {k: float(v[i]) for k, v in evaluation.components.items()}
-                entry["placement"] = _describe(assign(decision.snapshot, decision.demand, evaluation, i))
+                entry["placement"] = _describe(assign(view.snapshot, decision.demand, evaluation, i))
             order[name] = (not entry["fits"], -entry.get("raw", 0.0), int(evaluation.rows[i]))
             out.append(entry)
         out.sort(key=lambda e: order[e["node"]])

@@ -162,4 +162,4 @@ def test_a_policy_reloaded_during_filter_does_not_break_it(monkeypatch: pytest.M
     names = list(short.model.snapshot().names)
     outcome = short.filter(p, names)
     assert len(outcome.passed) > 1 and not outcome.shortlisted, "decided under the policy read first"
-    assert outcome.decision is not None and outcome.decision.policy is without
+    assert outcome.decision is not None and outcome.decision.view.policy is without
