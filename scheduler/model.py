@@ -9,6 +9,8 @@ the node we scored best.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 import time
 from collections import Counter
@@ -50,6 +52,10 @@ class ClusterModel:
         self._state = ClusterState()
         self._clock = clock
         self._reservations: dict[str, Reservation] = {}
+        # (expires_at, tie, key, reservation), earliest first; an entry whose reservation was dropped or renewed
+        # since is skipped when it comes up, so expiring costs nothing while nothing is due.
+        self._expiry: list[tuple[float, int, str, Reservation]] = []
+        self._tie = itertools.count()
         self._observed: dict[str, Demand] = {}  # bound pods' demands, for the typical-shape mix
         self._observed_shapes: Counter[Shape] = Counter()  # their shapes, kept as pods come and go
         self._guessed: dict[str, Demand] = {}  # pods bound without our record, whose GPUs we chose ourselves
@@ -195,7 +201,8 @@ class ClusterModel:
         """Record the reservation of capacity already applied to the state, with its timeout."""
         spec = self.policy.reservations
         ttl = spec.assumed_ttl_seconds if assumed else spec.ttl_seconds
-        self._reservations[key] = Reservation(assignment, self._clock() + ttl, assumed)
+        held = self._reservations[key] = Reservation(assignment, self._clock() + ttl, assumed)
+        heapq.heappush(self._expiry, (held.expires_at, next(self._tie), key, held))
 
     def _give_back_locked(self, key: str) -> None:
         """Drop a reservation and free its capacity (nothing when the pod holds none)."""
@@ -285,11 +292,13 @@ class ClusterModel:
         return placed
 
     def _expire_locked(self) -> list[str]:
-        now = self._clock()
-        expired = [k for k, r in self._reservations.items() if r.expires_at <= now]
-        for key in expired:
-            del self._reservations[key]
-            self._state.release(key)
+        now, due, expired = self._clock(), self._expiry, []
+        while due and due[0][0] <= now:
+            _, _, key, held = heapq.heappop(due)
+            if self._reservations.get(key) is held:
+                del self._reservations[key]
+                self._state.release(key)
+                expired.append(key)
         return expired
 
     def _observe(self, key: str, demand: Demand | None) -> None:

@@ -54,6 +54,35 @@ def test_reservation_expires_unless_the_watch_confirms_it(model: ClusterModel, c
     assert model.snapshot().gpu_free[0, :2].tolist() == [1000, 0]
 
 
+def test_an_assumption_bind_takes_over_lives_for_the_bind_timeout(model: ClusterModel, clock: Clock) -> None:
+    spec = PlacementPolicy().reservations
+    assert spec.assumed_ttl_seconds < spec.ttl_seconds
+    assert model.assume("p", Assignment("a", gpus=(0,), milli=1000))
+    assert model.assume("q", Assignment("a", gpus=(1,), milli=1000))
+    clock.now = 1.0
+    assert model.take_assumed("p", "a") is not None  # bind came for p's node: held from now for the bind timeout
+    clock.now = spec.assumed_ttl_seconds + 0.5
+    assert model.expire_reservations() == ["q"]  # p's expiry as an assumption is past but no longer its own
+    clock.now = 1.0 + spec.ttl_seconds - 0.5
+    assert model.expire_reservations() == []
+    clock.now = 1.0 + spec.ttl_seconds
+    assert model.expire_reservations() == ["p"] and model.reservation_count() == 0
+    assert model.snapshot().gpu_free[0, :2].tolist() == [1000, 1000]
+
+
+def test_a_pod_reserved_again_after_giving_back_keeps_its_new_reservation(model: ClusterModel, clock: Clock) -> None:
+    ttl = PlacementPolicy().reservations.ttl_seconds
+    model.reserve("p", Assignment("a", gpus=(0,), milli=1000))
+    model.unreserve("p")  # the binding failed
+    clock.now = 10.0
+    model.reserve("p", Assignment("a", gpus=(1,), milli=1000))  # the next attempt
+    clock.now = ttl + 1
+    assert model.expire_reservations() == []
+    assert model.assignment_of("p") == Assignment("a", gpus=(1,), milli=1000)
+    clock.now = ttl + 10
+    assert model.expire_reservations() == ["p"]
+
+
 def test_relist_keeps_reservations_the_watch_has_not_shown_yet(model: ClusterModel) -> None:
     model.reserve("p", Assignment("a", gpus=(0,), milli=1000))
     model.replace_pods({"old": (Assignment("a", gpus=(1,), milli=500), WHOLE)})
