@@ -72,7 +72,7 @@ def api_request(
         url += "?" + urlencode(query)
     payload = None
     if body is not None:
-        payload = body if isinstance(body, bytes) else orjson.dumps(body)
+        payload = _json_body(body)
         hdrs.setdefault("Content-Type", "application/json")
     raw = api_client.rest_client.pool_manager.request(
         method, url, body=payload, headers=hdrs, timeout=_timeout(timeout), preload_content=False
@@ -82,6 +82,11 @@ def api_request(
         raw.release_conn()
         raise ApiError(raw.status, raw.reason or "", data)
     return raw
+
+
+def _json_body(body: Any) -> bytes:
+    """A request body: bytes as given (already encoded), anything else as JSON."""
+    return body if isinstance(body, bytes) else orjson.dumps(body)
 
 
 def _client_headers(api_client: Any) -> dict[str, str]:
@@ -184,7 +189,7 @@ class CurlSession:
         if body is None:
             handle.setopt(pycurl.HTTPGET, 1)
         else:
-            handle.setopt(pycurl.POSTFIELDS, body if isinstance(body, bytes) else orjson.dumps(body))
+            handle.setopt(pycurl.POSTFIELDS, _json_body(body))
             headers.append("Content-Type: application/json")
         handle.setopt(pycurl.CUSTOMREQUEST, method)
         handle.setopt(pycurl.URL, self._base + path)
