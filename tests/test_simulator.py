@@ -187,6 +187,23 @@ def test_with_kube_schedulers_default_weight_built_in_scores_can_overrule_the_ex
     assert chosen == {(1, 0): "idle", (30, 0): "loaded", (1, 1): "loaded", (1, 2): "loaded"}
 
 
+def test_the_node_sample_skips_nodes_whose_gpus_pods_ask_for_whole():
+    """kube-scheduler's own filter counts nvidia.com/gpu: nodes held whole fail it and do not fill the sample, so a
+    whole-GPU pod always finds the last free nodes past them (a sample of full nodes would turn it away)."""
+    nodes = [node(f"n{i:03d}", gpus=1) for i in range(200)]
+    shapes = typical_shapes([gpu(1_000)])
+    sim = Replay(
+        nodes,
+        make_policy("default", shapes),
+        shapes,
+        np.random.default_rng(0),
+        mode="kube-scheduler",
+        kube=KubeSchedulerOptions(percentage_of_nodes_to_score=60),  # samples 120 nodes of 200
+    )
+    placed = [sim.place(f"p{i}", gpu(1_000)) for i in range(200)]
+    assert all(placed) and len({a.node for a in placed}) == 200
+
+
 def test_kube_scheduler_mode_answers_as_the_policy_file_says():
     from policies.config import PlacementPolicy
 

@@ -11,11 +11,13 @@ decision is the same as evaluating every node.
 Two ways to turn scores into a node:
 - `sim`: the policy's own choice (best score, ties to the earliest node of the run's fixed order), as the
   published simulator decides;
-- `kube-scheduler`: as kube-scheduler decides with this extender configured: the built-in filters (CPU and
-  memory), optionally the node sampling of `percentageOfNodesToScore`, our filter (and its shortlist), then the
-  total of our prioritize answer (`extender_scores`, 0..10) × weight × 10 and the built-in scores (NodeResourcesFit
-  LeastAllocated or MostAllocated and NodeResourcesBalancedAllocation on CPU and memory, weight 1 each; the other
-  default scorers give every node the same score for these pods), ties at random.
+- `kube-scheduler`: as kube-scheduler decides with this extender configured: the built-in filters (CPU, memory,
+  and whole GPUs counted as `nvidia.com/gpu` requests; a GPU share asks `gpu-extender.io/gpu-milli`, which the
+  shipped profile's NodeResourcesFit ignores), optionally the node sampling of `percentageOfNodesToScore`, our
+  filter (and its shortlist), then the total of our prioritize answer (`extender_scores`, 0..10) × weight × 10 and
+  the built-in scores (NodeResourcesFit LeastAllocated or MostAllocated and NodeResourcesBalancedAllocation on CPU
+  and memory, weight 1 each; the other default scorers give every node the same score for these pods), ties at
+  random.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 
 from policies.baselines import BasePolicy
 from policies.config import ExtenderScoring
-from policies.demand import Demand
+from policies.demand import Demand, DemandKind
 from policies.engine import MAX_EXTENDER_SCORE, Evaluation, extender_scores, top_positions
 from policies.feasibility import Reason
 from policies.fragmentation import TypicalShapes, node_fragmentation
@@ -87,6 +89,11 @@ def num_feasible_nodes_to_find(percentage: int, nodes: int) -> int:
     if percentage <= 0:
         percentage = max(50 - nodes // 125, MIN_FEASIBLE_NODES_PERCENTAGE)
     return max(nodes * percentage // 100, MIN_FEASIBLE_NODES_TO_FIND)
+
+
+def _asks_whole_gpus(demand: Demand) -> bool:
+    """The pod asks for `nvidia.com/gpu`, which kube-scheduler's NodeResourcesFit counts per node."""
+    return demand.kind is DemandKind.WHOLE and not demand.shareable
 
 
 def least_allocated(state: ClusterState, rows: np.ndarray, demand: Demand, most: bool = False) -> np.ndarray:
@@ -151,6 +158,10 @@ class Replay:
         self._evaluations = EvaluationCache(size=4096)
         self._evaluations.reset(self.n)
         self._next_start = 0
+        # nvidia.com/gpu requested per node: NodeResourcesFit counts whole GPUs by the pods asking for them (the
+        # shares' gpu-milli is ignored), so a node whose GPUs are held whole fails kube-scheduler's own filter.
+        self._whole_gpus_allocatable = self.snapshot.gpu_present.sum(axis=1)  # MIG-mode GPUs are not nvidia.com/gpu
+        self._whole_gpus_requested = np.zeros(self.n, dtype=np.int64)
         self.capacity_milli = self.snapshot.gpu_capacity_milli()
 
     # -- evaluation with per-node reuse ---------------------------------------------------------------------
@@ -185,6 +196,8 @@ class Replay:
             # Built-in filters run from a rotating start and stop once enough feasible nodes are found.
             order = np.roll(self.all_rows, -self._next_start)
             fits = (state.cpu_free[order] >= demand.cpu_milli) & (state.mem_free[order] >= demand.memory_mib)
+            if _asks_whole_gpus(demand):
+                fits &= self._whole_gpus_allocatable[order] - self._whole_gpus_requested[order] >= demand.gpu_count
             found = np.flatnonzero(fits)
             processed = self.n if len(found) <= k else int(found[k - 1]) + 1
             order = order[:processed]
@@ -226,6 +239,8 @@ class Replay:
             return None
         assignment = self.policy.assign(self.snapshot, demand, evaluation, index, self.rng)
         self.state.apply(key, assignment)
+        if _asks_whole_gpus(demand):
+            self._whole_gpus_requested[evaluation.rows[index]] += demand.gpu_count
         self.policy.observe(self.snapshot, int(evaluation.rows[index]), demand, assignment)
         return assignment
 
