@@ -239,9 +239,10 @@ class Replay:
             return None
         assignment = self.policy.assign(self.snapshot, demand, evaluation, index, self.rng)
         self.state.apply(key, assignment)
+        row = int(evaluation.rows[index])
         if _asks_whole_gpus(demand):
-            self._whole_gpus_requested[evaluation.rows[index]] += demand.gpu_count
-        self.policy.observe(self.snapshot, int(evaluation.rows[index]), demand, assignment)
+            self._whole_gpus_requested[row] += demand.gpu_count
+        self.policy.observe(self.snapshot, row, demand, assignment)
         return assignment
 
     def run(self, demands: list[Demand] | tuple[Demand, ...], progress=None) -> dict[str, np.ndarray]:
