@@ -10,7 +10,7 @@ import pytest
 from policies.baselines import OTHER_POLICY_NAMES, POLICY_NAMES, make_policy
 from policies.demand import Demand
 from policies.fragmentation import typical_shapes
-from policies.inventory import MILLI_PER_GPU
+from policies.inventory import MILLI_PER_GPU, Assignment
 from scheduler.simulator import cli
 from scheduler.simulator.metrics import SUMMARY_COLUMNS, binned, seed_metrics
 from scheduler.simulator.replay import (
@@ -159,7 +159,6 @@ def test_kube_scheduler_mode_with_a_dominant_weight_follows_the_extender():
 def test_with_kube_schedulers_default_weight_built_in_scores_can_overrule_the_extender():
     from policies.baselines import BasePolicy, _evaluation
     from policies.feasibility import feasibility
-    from policies.inventory import Assignment
 
     class Preference(BasePolicy):
         """Prefers the nodes in list order: raw scores 3, 2, 1 -> prioritize answers 10, 4, 0."""
@@ -202,6 +201,28 @@ def test_the_node_sample_skips_nodes_whose_gpus_pods_ask_for_whole():
     )
     placed = [sim.place(f"p{i}", gpu(1_000)) for i in range(200)]
     assert all(placed) and len({a.node for a in placed}) == 200
+
+
+def test_a_pod_its_node_sample_turns_away_is_placed_on_a_retry():
+    """Shares leave room on the last node only, and kube-scheduler's own filter (which ignores gpu-milli) passes
+    every node: the first sample of 120 nodes holds no room, the next one does."""
+    nodes = [node(f"n{i:03d}", gpus=1) for i in range(200)]
+    shapes = typical_shapes([gpu(600)])
+    placed = {}
+    for retries in (0, 1):
+        sim = Replay(
+            nodes,
+            make_policy("default", shapes),
+            shapes,
+            np.random.default_rng(0),
+            mode="kube-scheduler",
+            kube=KubeSchedulerOptions(percentage_of_nodes_to_score=60, sample_retries=retries),
+        )
+        for i in range(199):
+            sim.state.apply(f"held{i}", Assignment(f"n{i:03d}", gpus=(0,), milli=600))
+        placed[retries] = sim.place("pod", gpu(600))
+    assert placed[0] is None
+    assert placed[1] is not None and placed[1].node == "n199"
 
 
 def test_kube_scheduler_mode_answers_as_the_policy_file_says():

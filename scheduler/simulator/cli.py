@@ -72,6 +72,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --builtin-scores, NodeResourcesBalancedAllocation too (kube-scheduler's default profile)",
     )
+    parser.add_argument(
+        "--sample-retries",
+        type=int,
+        default=0,
+        help="kube-scheduler mode: a pod that no node of kube-scheduler's node sample can take, while another node "
+        "could, is tried again on the next sample up to this many times, as a running scheduler requeues it "
+        "(default 0: counted as failed, as the FGD protocol and the end-to-end replay do)",
+    )
     parser.add_argument("--policy-file", help="placement policy YAML for the 'default' policy")
     parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
     parser.add_argument("--out", default="simulation-results", help="output folder")
@@ -101,6 +109,7 @@ def _kube(args: argparse.Namespace) -> KubeSchedulerOptions:
         builtin_scores=args.builtin_scores,
         fit_strategy=args.fit_strategy,
         balanced_allocation=args.balanced_allocation,
+        sample_retries=args.sample_retries,
     )
 
 

@@ -53,6 +53,9 @@ class KubeSchedulerOptions:
     builtin_scores: bool = True
     fit_strategy: str = "LeastAllocated"  # NodeResourcesFit scoringStrategy.type: LeastAllocated or MostAllocated
     balanced_allocation: bool = True  # NodeResourcesBalancedAllocation enabled
+    # A pod no node of its sample can take while a node outside it could is tried again on the next sample this
+    # many times (a running kube-scheduler requeues it; the FGD protocol and the end-to-end replay count it failed).
+    sample_retries: int = 0
 
     def serving(self, scoring: ExtenderScoring) -> KubeSchedulerOptions:
         """These options with the extender answering as a policy file's `extenderScoring` says."""
@@ -186,7 +189,12 @@ class Replay:
     def choose(self, demand: Demand, evaluation: Evaluation) -> int | None:
         if self.mode == "sim":
             return self.policy.choose(evaluation, self.rng)
-        return self._kube_choose(demand, evaluation)
+        index = self._kube_choose(demand, evaluation)
+        retries = self.kube.sample_retries
+        while index is None and retries and evaluation.feasible.any():
+            index = self._kube_choose(demand, evaluation)
+            retries -= 1
+        return index
 
     def _kube_choose(self, demand: Demand, evaluation: Evaluation) -> int | None:
         state = self.state
