@@ -186,19 +186,24 @@ def test_with_kube_schedulers_default_weight_built_in_scores_can_overrule_the_ex
     assert chosen == {(1, 0): "idle", (30, 0): "loaded", (1, 1): "loaded", (1, 2): "loaded"}
 
 
-def test_the_node_sample_skips_nodes_whose_gpus_pods_ask_for_whole():
-    """kube-scheduler's own filter counts nvidia.com/gpu: nodes held whole fail it and do not fill the sample, so a
-    whole-GPU pod always finds the last free nodes past them (a sample of full nodes would turn it away)."""
+def sampled_replay(typical: Demand, sample_retries: int = 0) -> Replay:
+    """200 one-GPU nodes in kube-scheduler mode, sampled 120 at a time (percentageOfNodesToScore 60)."""
     nodes = [node(f"n{i:03d}", gpus=1) for i in range(200)]
-    shapes = typical_shapes([gpu(1_000)])
-    sim = Replay(
+    shapes = typical_shapes([typical])
+    return Replay(
         nodes,
         make_policy("default", shapes),
         shapes,
         np.random.default_rng(0),
         mode="kube-scheduler",
-        kube=KubeSchedulerOptions(percentage_of_nodes_to_score=60),  # samples 120 nodes of 200
+        kube=KubeSchedulerOptions(percentage_of_nodes_to_score=60, sample_retries=sample_retries),
     )
+
+
+def test_the_node_sample_skips_nodes_whose_gpus_pods_ask_for_whole():
+    """kube-scheduler's own filter counts nvidia.com/gpu: nodes held whole fail it and do not fill the sample, so a
+    whole-GPU pod always finds the last free nodes past them (a sample of full nodes would turn it away)."""
+    sim = sampled_replay(gpu(1_000))
     placed = [sim.place(f"p{i}", gpu(1_000)) for i in range(200)]
     assert all(placed) and len({a.node for a in placed}) == 200
 
@@ -206,18 +211,9 @@ def test_the_node_sample_skips_nodes_whose_gpus_pods_ask_for_whole():
 def test_a_pod_its_node_sample_turns_away_is_placed_on_a_retry():
     """Shares leave room on the last node only, and kube-scheduler's own filter (which ignores gpu-milli) passes
     every node: the first sample of 120 nodes holds no room, the next one does."""
-    nodes = [node(f"n{i:03d}", gpus=1) for i in range(200)]
-    shapes = typical_shapes([gpu(600)])
     placed = {}
     for retries in (0, 1):
-        sim = Replay(
-            nodes,
-            make_policy("default", shapes),
-            shapes,
-            np.random.default_rng(0),
-            mode="kube-scheduler",
-            kube=KubeSchedulerOptions(percentage_of_nodes_to_score=60, sample_retries=retries),
-        )
+        sim = sampled_replay(gpu(600), sample_retries=retries)
         for i in range(199):
             sim.state.apply(f"held{i}", Assignment(f"n{i:03d}", gpus=(0,), milli=600))
         placed[retries] = sim.place("pod", gpu(600))
