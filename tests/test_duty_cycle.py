@@ -32,8 +32,8 @@ def trace(busy: np.ndarray, memory_gib: int = 30) -> DutyTrace:
     )
 
 
-def run(t: DutyTrace, policy: PlacementPolicy):
-    return replay(t, policy, "arm", start=10, gpu="h100", window=10, smoothing="p99", shapes=SHAPES, grace=1)
+def run(t: DutyTrace, policy: PlacementPolicy, start: int = 10):
+    return replay(t, policy, "arm", start=start, gpu="h100", window=10, smoothing="p99", shapes=SHAPES, grace=1)
 
 
 def test_calm_replicas_share_gpus_only_under_the_utilization_aware_policy() -> None:
@@ -61,6 +61,13 @@ def test_time_above_90_percent_on_a_shared_gpu_counts_as_co_located() -> None:
     result = run(trace(busy), SHARING)
     assert result.gpus_peak == 1
     assert result.colocated_hot_share == result.shared_hot_share == result.hot_share > 0
+
+
+def test_the_extender_sees_the_samples_taken_since_the_rollout_began() -> None:
+    # Two replicas at 60 % each: the second, bound a step after the first, must see the first one's sample
+    # whatever slot of the window it was written to (start 13 with a window of 10 writes slot 3 first).
+    result = run(trace(np.full((60, 2), 0.6)), SHARING, start=13)
+    assert result.gpus_peak == 2 and result.hot_share == 0
 
 
 def test_memory_is_never_lent() -> None:
