@@ -248,10 +248,14 @@ class Live:
 
 
 def fill(live: Live) -> None:
-    """Allocate every GPU: each filler pinned to its node, bound by kube-scheduler through the extender."""
+    """Allocate every GPU: each filler pinned to its node, bound by kube-scheduler through the extender. Shareable
+    fillers declare the busy fraction their node runs at: the shipped policy judges a lender by its tenants'
+    declarations as well as by its measured load (`declaredBusy`), and undeclared tenants count whole."""
     for node, fillers in FILLERS.items():
+        pool, _, load = NODES[node]
         for i, resources in enumerate(fillers):
-            live.bind(pod(f"fill-{node}-{i}", resources, "fill", node=node, pool=NODES[node][0]))
+            declared = {ANNOTATION_EXPECTED_BUSY: f"{load:g}"} if resources is SHARE else None
+            live.bind(pod(f"fill-{node}-{i}", resources, "fill", declared, node=node, pool=pool))
     held = live.held()
     expected = {(node, g) for node, (_, gpus, _) in NODES.items() for g in range(gpus)}
     assert set(held) == expected and all(len(t) == 1 and t[0].milli == 1000 for t in held.values()), held

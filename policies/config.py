@@ -116,13 +116,18 @@ class Overcommit(_Strict):
 
     A GPU lends capacity only with fresh telemetry, no guarded tenant (an exclusive or interactive pod), enough
     free GPU memory for the pod's declared `gpu-memory` (memory is never lent), and room under the safety margin:
-    measured busy fraction + the pod's expected busy fraction <= 1 - safetyMargin; the shares placed on one GPU,
+    the GPU's busy fraction + the pod's expected busy fraction <= 1 - safetyMargin; the shares placed on one GPU,
     allocated and borrowed, exceed it by at most `maxBorrowedMilliPerGpu`. `prefer: borrow` consolidates
     (a safe borrowed place beats opening an idle GPU); `allocation` borrows only where the allocation is full.
+
+    The GPU's busy fraction is the measured one, but at least `declaredBusy` times the sum of what its tenants
+    declare they use (`expected-busy`, else their whole share): a GPU whose tenants were calm for the last
+    telemetry window is not taken for one whose tenants are calm, so bursts that history shows still count.
     """
 
     enabled: bool = False
     safety_margin: float = Field(0.15, ge=0, lt=1, alias="safetyMargin")
+    declared_busy: float = Field(0.0, ge=0, le=1, alias="declaredBusy")
     max_borrowed_milli_per_gpu: int = Field(1000, ge=0, le=4000, alias="maxBorrowedMilliPerGpu")
     prefer: Literal["borrow", "allocation"] = "borrow"
 

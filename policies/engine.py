@@ -13,7 +13,7 @@ import numpy as np
 
 from policies.config import PlacementPolicy
 from policies.demand import Demand, DemandKind
-from policies.feasibility import FITS, Reason, borrowable_gpus, feasibility, may_borrow, usable_gpus
+from policies.feasibility import FITS, Reason, borrowable_gpus, feasibility, lender_busy, may_borrow, usable_gpus
 from policies.fragmentation import TypicalShapes
 from policies.inventory import MILLI_PER_GPU, Assignment, MigPlacement
 from policies.scoring import FRAGMENTATION_SCORERS, SCORERS, Candidates
@@ -163,10 +163,11 @@ def _score_borrowed(
     choice: np.ndarray,
     components: dict[str, np.ndarray] | None,
 ) -> None:
-    """Borrowed placements go on the lending GPU with the most measured headroom (least interference), and rank
-    as a block above (`prefer: borrow`) or below (`allocation`) every placement on allocated capacity."""
+    """Borrowed placements go on the lending GPU with the most headroom (least interference), judged as the safety
+    check judges it, and rank as a block above (`prefer: borrow`) or below (`allocation`) every placement on
+    allocated capacity."""
     at = np.flatnonzero(borrowed)
-    headroom = np.where(lend[at], 1.0 - snapshot.gpu_util[rows[at]], -np.inf)
+    headroom = np.where(lend[at], 1.0 - lender_busy(snapshot, rows[at], policy.overcommit), -np.inf)
     best_col = np.argmax(headroom, axis=1)
     best = headroom[np.arange(len(at)), best_col]
     allocated = scores[np.isfinite(scores)]
@@ -221,6 +222,7 @@ def assign(snapshot: ClusterSnapshot, demand: Demand, evaluation: Evaluation, in
         "cpu_milli": demand.cpu_milli,
         "memory_mib": demand.memory_mib,
         "guarded": demand.guards_gpu,
+        "expected_busy": demand.busy_estimate,
     }
     kind = demand.kind
     if kind is DemandKind.NONE:

@@ -174,11 +174,16 @@ def may_borrow(demand: Demand, overcommit: Overcommit) -> bool:
     )
 
 
+def lender_busy(snapshot: ClusterSnapshot, rows: np.ndarray, overcommit: Overcommit) -> np.ndarray:
+    """float [R, G]: the busy fraction a GPU is judged by when it lends: measured, but no less than the policy's
+    part of what its tenants declare (see `Overcommit`). NaN where nothing was measured."""
+    return np.maximum(snapshot.gpu_util[rows], overcommit.declared_busy * snapshot.gpu_declared_busy[rows])
+
+
 def borrowable_gpus(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, overcommit: Overcommit) -> np.ndarray:
     """bool [R, G]: GPUs that can lend measured idle capacity to the demand's share. Unknown load lends nothing."""
-    util = snapshot.gpu_util[rows]
     with np.errstate(invalid="ignore"):
-        idle_enough = util + demand.busy_estimate <= 1.0 - overcommit.safety_margin  # NaN compares False
+        idle_enough = lender_busy(snapshot, rows, overcommit) + demand.busy_estimate <= 1.0 - overcommit.safety_margin
     return (
         snapshot.gpu_present[rows]
         & idle_enough

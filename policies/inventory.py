@@ -62,7 +62,8 @@ class Assignment:
 
     `borrowed`: the share runs on measured idle capacity of a GPU whose allocation was full (overcommit), so it
     does not count against the GPU's allocatable share. `guarded`: the pod's latency class forbids others from
-    borrowing on its GPUs.
+    borrowing on its GPUs. `expected_busy`: the busy fraction the pod is expected to add to each of its GPUs
+    (`Demand.busy_estimate`); what it declares, not what it holds, so it takes no part in equality.
     """
 
     node: str
@@ -74,6 +75,7 @@ class Assignment:
     mig: MigPlacement | None = None
     borrowed: bool = False
     guarded: bool = False
+    expected_busy: float = field(default=0.0, compare=False)
 
     @property
     def gpu_milli_total(self) -> int:

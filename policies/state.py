@@ -45,6 +45,7 @@ class ClusterSnapshot:
     gpu_util: np.ndarray  # float32 [N, G] measured busy fraction 0..1, NaN where unknown
     gpu_borrowed: np.ndarray  # int32 [N, G] milli-GPU of shares running on borrowed idle capacity
     gpu_guarded: np.ndarray  # int16 [N, G] tenants whose latency class forbids borrowing on the GPU
+    gpu_declared_busy: np.ndarray  # float32 [N, G] sum of the tenants' expected busy fractions
     mig_table: np.ndarray  # int8 [N, G] index into MIG_TABLE_NAMES, -1 where the GPU is not in MIG mode
     mig_occupied: np.ndarray  # uint8 [N, G] bitmask of memory slices held by pods
     # int64 [N]: the generation at which each row last changed, so a result computed over some rows can tell
@@ -149,6 +150,7 @@ class ClusterState:
             array.flags.writeable = False
         self.gpu_borrowed = np.zeros((n, g), dtype=np.int32)
         self.gpu_guarded = np.zeros((n, g), dtype=np.int16)
+        self.gpu_declared_busy = np.zeros((n, g), dtype=np.float32)
         self.mig_occupied = np.zeros((n, g), dtype=np.uint8)
         self._generation += 1
         self.row_version = np.full(n, self._generation, dtype=np.int64)
@@ -242,6 +244,7 @@ class ClusterState:
             self.gpu_mem_free[i, g] += sign * a.gpu_memory_mib
             if a.guarded:
                 self.gpu_guarded[i, g] -= sign
+            self.gpu_declared_busy[i, g] -= sign * a.expected_busy
         if a.mig is not None:
             profile = MIG_TABLES[MIG_TABLE_NAMES[self.mig_table[i, a.mig.gpu]]].profile(a.mig.profile)
             assert profile is not None
@@ -286,6 +289,7 @@ class ClusterState:
             gpu_util=self.gpu_util,
             gpu_borrowed=edited(self.gpu_borrowed),
             gpu_guarded=edited(self.gpu_guarded),
+            gpu_declared_busy=edited(self.gpu_declared_busy),
             mig_table=self.mig_table,
             mig_occupied=edited(self.mig_occupied),
             row_version=edited(self.row_version),

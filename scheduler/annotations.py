@@ -211,6 +211,7 @@ def assignment_from_annotations(
         mig=mig,
         borrowed=bool(doc.borrowed),
         guarded=demand.guards_gpu,
+        expected_busy=demand.busy_estimate,
     )
 
 

@@ -70,6 +70,16 @@ def test_the_extender_sees_the_samples_taken_since_the_rollout_began() -> None:
     assert result.gpus_peak == 2 and result.hot_share == 0
 
 
+def test_declarations_keep_a_replica_that_burst_in_its_history_from_lending_while_calm() -> None:
+    busy = np.full((60, 2), 0.1)
+    busy[:10:2, 0] = 0.95  # pod 0 burst in its history, is calm when pod 1 arrives, then runs at 85 %
+    busy[40:45, 0] = 0.85
+    declared = PlacementPolicy(overcommit=Overcommit(enabled=True, safetyMargin=0.1, declaredBusy=1.0))
+    measured_only, judged_by_both = run(trace(busy), SHARING), run(trace(busy), declared)
+    assert measured_only.gpus_peak == 1 and measured_only.shared_hot_share > 0  # 0.85 + 0.1 together
+    assert judged_by_both.gpus_peak == 2 and judged_by_both.hot_share == 0
+
+
 def test_memory_is_never_lent() -> None:
     result = run(trace(np.full((60, 4), 0.1), memory_gib=45), SHARING)  # two would need 92 GiB of an 80 GB GPU
     assert result.gpus_peak == 4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
@@ -45,7 +47,14 @@ def full_cluster(util: float | None, tenant: Demand = REPLICA) -> ClusterState:
 
 def _held(demand: Demand, gpu: int) -> Assignment:
     return Assignment(
-        "n1", demand.cpu_milli, 0, (gpu,), demand.gpu_milli, demand.gpu_memory_mib, guarded=demand.guards_gpu
+        "n1",
+        demand.cpu_milli,
+        0,
+        (gpu,),
+        demand.gpu_milli,
+        demand.gpu_memory_mib,
+        guarded=demand.guards_gpu,
+        expected_busy=demand.busy_estimate,
     )
 
 
@@ -68,6 +77,42 @@ def test_idle_but_allocated_gpu_lends_to_a_batch_share() -> None:
     assert state.gpu_mem_free[0, gpu] == 80 * GIB - 60 * GIB  # memory is never lent
     state.release("new")
     assert state.gpu_borrowed[0, gpu] == 0 and state.gpu_mem_free[0, gpu] == 50 * GIB
+
+
+def declaring(declared: float, margin: float = 0.15) -> PlacementPolicy:
+    return PlacementPolicy(overcommit=Overcommit(enabled=True, safetyMargin=margin, declaredBusy=declared))
+
+
+@pytest.mark.parametrize(("declared", "lends"), [(0.0, True), (0.5, True), (1.0, False)])
+def test_a_lender_counts_at_least_the_policys_part_of_what_its_tenants_declare(declared: float, lends: bool) -> None:
+    # Measured 20 % busy, but each tenant declared 60 %: with all of it counted, 0.6 + 0.3 exceeds 1 - 0.15; with
+    # half, the measurement is the higher and 0.2 + 0.3 fits.
+    state = full_cluster(util=0.2, tenant=replace(REPLICA, expected_busy=0.6))
+    assert np.allclose(state.gpu_declared_busy[0, :2], 0.6)
+    _, evaluation = decide(state, REPLICA, declaring(declared))
+    assert evaluation.is_borrowed(0) is lends
+    assert evaluation.reasons[0] == (Reason.FITS if lends else Reason.GPUS_BUSY)
+
+
+def test_declarations_never_stand_in_for_missing_telemetry() -> None:
+    state = full_cluster(util=None, tenant=replace(REPLICA, expected_busy=0.0))
+    _, evaluation = decide(state, REPLICA, declaring(1.0))
+    assert evaluation.reasons[0] == Reason.GPUS_BUSY
+
+
+def test_the_ledger_sums_declared_busy_per_gpu() -> None:
+    state = ClusterState([h100_node("n1")])
+    declared, undeclared = replace(REPLICA, gpu_milli=600), replace(REPLICA, gpu_milli=400, expected_busy=None)
+    for key, demand in (("a", declared), ("b", undeclared)):
+        snapshot, evaluation = decide(state, demand, PlacementPolicy())
+        placed = assign(snapshot, demand, evaluation, 0)
+        assert placed.gpus == (0,)  # the tightest fit: both on one GPU
+        state.apply(key, placed)
+    assert state.gpu_declared_busy[0, 0] == pytest.approx(0.3 + 0.4)  # undeclared: its whole share
+    assert state.gpu_declared_busy[0, 1] == 0
+    state.release("a")
+    state.release("b")
+    assert state.gpu_declared_busy[0, 0] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_disabled_policy_or_missing_telemetry_means_allocation_only() -> None:
@@ -167,6 +212,7 @@ def test_borrowed_assignment_round_trips_through_the_pod_annotation() -> None:
     assert '"borrowed":true' in out["gpu-extender.io/assignment"]
     assert out["gpu-extender.io/gpu-memory-fraction"] == "0.37"
     assert assignment_from_annotations(out, "n1", REPLICA) == assignment
+    assert assignment_from_annotations(out, "n1", REPLICA).expected_busy == 0.3  # the pod's declaration
     exclusive = Demand(cpu_milli=1000, gpu_count=1, gpu_milli=1000, gpu_memory_mib=30 * GIB)
     assert assignment_from_annotations(out, "n1", exclusive) is None  # an exclusive pod cannot have borrowed
 

@@ -1,6 +1,6 @@
 """Allocation-only against utilization-aware placement, replayed on the genai-serving per-pod GPU duty cycles.
 
-    python -m scheduler.simulator.duty_cycle [--gpu h100|h200] [--margins 0.1,0.2] [--window 60]
+    python -m scheduler.simulator.duty_cycle [--gpu h100|h200] [--arms 0.1:2000,0.15:2000:0.75] [--window 60]
 
 Each recorded pod is an inference replica that asks for a whole GPU as a share (`gpu-extender.io/gpu-milli:
 1000`) and declares the GPU memory it was seen to use at peak (rounded up to GiB, plus 1 GiB). The first
@@ -11,11 +11,11 @@ redeployed through the scheduler one per sample interval (a rolling update); pod
 their first sample; each leaves after its last sample. Only the time after the history is measured.
 
 Every step replays what the live extender does: the GPUs' measured busy fraction (the sum of their tenants'
-duty cycles), smoothed over the last `--window` samples the same way the telemetry store smooths (mean or
-p90), plus pods bound within the window at their whole share (the store's estimate, with a grace of one
-window); then the same `evaluate` and `assign` the extender serves place each arriving pod on the best node,
-and the ledger records it. Every arm places every pod (the fleet has a GPU per pod to spare); they differ in how
-many GPUs the pods occupy and how busy those are.
+duty cycles), smoothed over the last `--window` samples the same way the telemetry store smooths (`--smoothing`),
+plus pods bound in the last `--grace` steps at their whole share (the store's estimate with its grace); then the
+same `evaluate` and `assign` the extender serves place each arriving pod on the best node, and the ledger records
+it with the pod's declaration (which an arm with `declaredBusy` also judges lenders by). Every arm places every
+pod (the fleet has a GPU per pod to spare); they differ in how many GPUs the pods occupy and how busy those are.
 
 Printed per arm: GPUs in use (time mean and peak), the mean busy fraction of occupied GPUs, and the share of
 occupied GPU-time above 90 % busy (the risk that co-located replicas slow each other down), split into time one
@@ -252,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", choices=sorted(GPU_MODELS), default="h100", help="the fleet's GPU")
     parser.add_argument(
         "--arms",
-        default="0.1:1000,0.1:2000,0.3:2000",
-        help="utilization-aware arms as MARGIN:MAX_BORROWED_MILLI_PER_GPU, comma-separated",
+        default="0.1:2000,0.15:2000:0.75,0.05:2000:0.75",
+        help="utilization-aware arms as MARGIN[:MAX_BORROWED_MILLI_PER_GPU[:DECLARED_BUSY]], comma-separated "
+        "(defaults 1000 and 0)",
     )
     parser.add_argument("--window", type=int, default=60, help="samples smoothed (one per trace step)")
     parser.add_argument("--smoothing", choices=["mean", "p90", "p99", "max"], default="p99")
@@ -271,21 +272,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     arms = [("allocation only", PlacementPolicy())]
     for arm in args.arms.split(","):
-        margin, _, cap = arm.partition(":")
-        overcommit = Overcommit(enabled=True, safetyMargin=float(margin), maxBorrowedMilliPerGpu=int(cap or 1000))
-        arms.append(
-            (f"utilization-aware, margin {margin}, borrow <= {cap or 1000}", PlacementPolicy(overcommit=overcommit))
+        parts = arm.split(":")
+        margin, cap, declared = parts + ["0", "1000", "0"][len(parts) :]
+        overcommit = Overcommit(
+            enabled=True, safetyMargin=float(margin), maxBorrowedMilliPerGpu=int(cap), declaredBusy=float(declared)
         )
+        label = f"margin {margin}, borrow <= {cap}" + (f", declared {declared}" if float(declared) else "")
+        arms.append((f"utilization-aware, {label}", PlacementPolicy(overcommit=overcommit)))
     results = [
         replay(trace, policy, name, start, args.gpu, args.window, args.smoothing, shapes, args.grace)
         for name, policy in arms
     ]
     base = results[0].busy_mean
-    header = f"{'policy':<44} {'placed':>6} {'failed':>6} {'GPUs mean':>9} {'peak':>5} {'busy':>6} {'x':>5}"
+    width = max(len(r.name) for r in results)
+    header = f"{'policy':<{width}} {'placed':>6} {'failed':>6} {'GPUs mean':>9} {'peak':>5} {'busy':>6} {'x':>5}"
     print(f"{header} {'>90%':>6} {'alone':>6} {'shared':>6} {'co-located':>10}")
     for r in results:
         print(
-            f"{r.name:<44} {r.placed:>6} {r.failed:>6} {r.gpus_mean:>9.1f} {r.gpus_peak:>5} "
+            f"{r.name:<{width}} {r.placed:>6} {r.failed:>6} {r.gpus_mean:>9.1f} {r.gpus_peak:>5} "
             f"{r.busy_mean:>6.3f} {r.busy_mean / base:>5.2f} {r.hot_share:>6.2%} "
             f"{r.hot_share - r.shared_hot_share:>6.2%} {r.shared_hot_share:>6.2%} {r.colocated_hot_share:>10.2%}"
         )
