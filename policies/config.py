@@ -121,8 +121,8 @@ class Overcommit(_Strict):
     (a safe borrowed place beats opening an idle GPU); `allocation` borrows only where the allocation is full.
 
     The GPU's busy fraction is the measured one, but at least `declaredBusy` times the sum of what its tenants
-    declare they use (`expected-busy`, else their whole share): a GPU whose tenants were calm for the last
-    telemetry window is not taken for one whose tenants are calm, so bursts that history shows still count.
+    declare they use (`expected-busy`, else their whole share): a GPU whose tenants happened to be calm for the
+    last telemetry window still counts the bursts their declarations foresee.
     """
 
     enabled: bool = False

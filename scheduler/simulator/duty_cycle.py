@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     arms = [("allocation only", PlacementPolicy())]
     for arm in args.arms.split(","):
         parts = arm.split(":")
-        margin, cap, declared = parts + ["0", "1000", "0"][len(parts) :]
+        margin, cap, declared = parts + ["1000", "0"][len(parts) - 1 :]
         overcommit = Overcommit(
             enabled=True, safetyMargin=float(margin), maxBorrowedMilliPerGpu=int(cap), declaredBusy=float(declared)
         )
