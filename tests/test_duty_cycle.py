@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from policies.config import Overcommit, PlacementPolicy
 from policies.demand import Demand
@@ -12,6 +13,7 @@ from scheduler.simulator.duty_cycle import (
     arrival_steps,
     declared_busy,
     first_fit_gpus,
+    foresight,
     memory_bound,
     replay,
 )
@@ -78,6 +80,16 @@ def test_declarations_keep_a_replica_that_burst_in_its_history_from_lending_whil
     measured_only, judged_by_both = run(trace(busy), SHARING), run(trace(busy), declared)
     assert measured_only.gpus_peak == 1 and measured_only.shared_hot_share > 0  # 0.85 + 0.1 together
     assert judged_by_both.gpus_peak == 2 and judged_by_both.hot_share == 0
+
+
+def test_foresight_shares_only_where_sharing_never_crosses_90_percent() -> None:
+    busy = np.full((60, 4), 0.1)
+    busy[40:45, 2:] = 0.5  # pods 2 and 3 together would reach 100 % for five samples
+    result = foresight(trace(busy), start=0, capacity_mib=80 * 1024)  # two 30 GiB replicas per GPU
+    assert result.placed == 4 and result.gpus_peak == 2  # {2, 0} and {3, 1}: neither pair ever crosses 90 %
+    assert result.hot_share == result.shared_hot_share == 0
+    assert result.busy_mean == pytest.approx((55 * 0.2 + 5 * 0.6) / 60)
+    assert foresight(trace(busy), start=0, capacity_mib=50 * 1024).gpus_peak == 4  # memory first
 
 
 def test_memory_is_never_lent() -> None:

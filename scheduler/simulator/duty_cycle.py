@@ -20,8 +20,9 @@ pod (the fleet has a GPU per pod to spare); they differ in how many GPUs the pod
 Printed per arm: GPUs in use (time mean and peak), the mean busy fraction of occupied GPUs, and the share of
 occupied GPU-time above 90 % busy (the risk that co-located replicas slow each other down), split into time one
 tenant was above 90 % on its own and time only the sum of tenants was, and the part of it on GPUs that held two
-tenants or more ('co-located': the only time one replica can slow another down). Then the most any placement could
-consolidate while keeping every pod's declared memory: first-fit decreasing of the pods alive at each step.
+tenants or more ('co-located': the only time one replica can slow another down). The last row is `foresight`, a
+placement made knowing every replica's future, for reference. Then the most any placement could consolidate while
+keeping every pod's declared memory: first-fit decreasing of the pods alive at each step.
 """
 
 from __future__ import annotations
@@ -140,6 +141,57 @@ def memory_bound(trace: DutyTrace, start: int, capacity_mib: int) -> float:
         pods += len(alive)
         gpus += first_fit_gpus(alive, capacity_mib)
     return pods / max(gpus, 1)
+
+
+def foresight(trace: DutyTrace, start: int, capacity_mib: int) -> ArmResult:
+    """A reference, not a policy: the placement someone who knew every replica's whole future could make.
+
+    Each replica, the busiest on average first, goes to the first GPU whose replicas it fits beside in memory and
+    where their summed busy fraction is never above 90 % at a step where none of them is above 90 % alone (sharing
+    never causes such time); else to a GPU of its own. Replicas arrive and leave as in `replay`. Greedy, so not
+    the best possible; it shows how far foresight, which no scheduler has, could take consolidation."""
+    arrival = arrival_steps(trace, start)
+    steps = np.arange(start, trace.steps)[:, None]
+    alive = (steps >= arrival) & (steps <= trace.last) & (arrival >= 0)  # [T, P] over the measured time
+    busy = np.where(alive, np.nan_to_num(trace.busy[start:]), 0.0)
+    load: list[np.ndarray] = []  # per GPU: summed busy fraction [T]
+    solo: list[np.ndarray] = []  # per GPU: its busiest replica [T]
+    memory: list[int] = []
+    members: list[list[int]] = []
+    for pod in np.argsort(-busy.mean(axis=0), kind="stable").tolist():
+        if not alive[:, pod].any():
+            continue
+        for g in range(len(load)):
+            total, alone = load[g] + busy[:, pod], np.maximum(solo[g], busy[:, pod])
+            if (
+                memory[g] + trace.memory_mib[pod] <= capacity_mib
+                and not ((total > INTERFERENCE_BUSY) & (alone <= INTERFERENCE_BUSY)).any()
+            ):
+                load[g], solo[g] = total, alone
+                memory[g] += int(trace.memory_mib[pod])
+                members[g].append(pod)
+                break
+        else:
+            load.append(busy[:, pod].copy())
+            solo.append(busy[:, pod].copy())
+            memory.append(int(trace.memory_mib[pod]))
+            members.append([pod])
+    residents = np.array([alive[:, m].sum(axis=1) for m in members])  # [G, T]
+    occupied = residents > 0
+    total, alone = np.array(load), np.array(solo)
+    hot = occupied & (total > INTERFERENCE_BUSY)
+    gpu_steps = max(int(occupied.sum()), 1)
+    return ArmResult(
+        "foresight (offline reference)",
+        placed=sum(len(m) for m in members),
+        failed=0,
+        gpus_mean=occupied.sum() / len(steps),
+        gpus_peak=int(occupied.sum(axis=0).max(initial=0)),
+        busy_mean=float(np.minimum(total, 1.0)[occupied].sum()) / gpu_steps,
+        hot_share=int(hot.sum()) / gpu_steps,
+        shared_hot_share=int((hot & (alone <= INTERFERENCE_BUSY)).sum()) / gpu_steps,
+        colocated_hot_share=int((hot & (residents > 1)).sum()) / gpu_steps,
+    )
 
 
 def replay(
@@ -283,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         replay(trace, policy, name, start, args.gpu, args.window, args.smoothing, shapes, args.grace)
         for name, policy in arms
     ]
+    results.append(foresight(trace, start, GPU_MODELS[args.gpu][1]))
     base = results[0].busy_mean
     width = max(len(r.name) for r in results)
     header = f"{'policy':<{width}} {'placed':>6} {'failed':>6} {'GPUs mean':>9} {'peak':>5} {'busy':>6} {'x':>5}"
