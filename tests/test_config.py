@@ -31,6 +31,7 @@ typicalShapes:
         ("weights: {fragmentaton: 1}", "weights.fragmentaton: Extra inputs are not permitted"),
         ("weights: {packing: -1}", "weights.packing: Input should be greater than or equal to 0"),
         ("kind: Policy", "kind: Input should be 'PlacementPolicy'"),
+        ("overcommit: {declaredBusy: 1.5}", "overcommit.declaredBusy: Input should be less than or equal to 1"),
         ("typicalShapes: {default: [{gpuCount: 2, gpuMilli: 500}]}", "typicalShapes.default.0"),
         ("weights: [1, 2", "not valid YAML"),
         ("- a list", "expected a mapping"),
