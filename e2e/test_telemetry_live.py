@@ -27,9 +27,11 @@ from e2e import fleet, helpers, procs, stack
 from e2e.controlplane import ControlPlane
 from e2e.helpers import Extender, PodWatch, Stack, gpu_pod
 from e2e.prometheus import Prometheus
+from policies.feasibility import REASON_TEXT, Reason
 from scheduler.agent.fake_nvml import FakeNvml
 from scheduler.agent.sampler import Sampler, inventory_doc
 from scheduler.annotations import GPU_INVENTORY
+from scheduler.podspec import ANNOTATION_GPU_MEMORY, GPU_MILLI_RESOURCE
 
 pytestmark = pytest.mark.e2e
 
@@ -56,13 +58,18 @@ UTILIZATION_WEIGHT = 10.0
 NEUTRAL = 0.5  # `utilization_score` of a GPU without fresh telemetry
 
 
-def agent_spec(util: str) -> str:
-    return f"h100x{GPUS};util={util}"
+STEADY_MEMORY_USED = 0.90
+"""`tl-steady`'s GPUs report 90 % of their memory in use (a server that took it up front), though no pod there
+declares any: about 8 GiB of each 80 GB left."""
+
+
+def agent_spec(util: str, memory_used: float = 0.0) -> str:
+    return f"h100x{GPUS};util={util};mem=const:{memory_used * 100:g}"
 
 
 AGENTS = {
     FLIP: agent_spec(f"step:0@0,{FLIP_BUSY * 100:g}@{FLIP_AFTER_S:g}"),
-    STEADY: agent_spec(f"const:{STEADY_BUSY * 100:g}"),
+    STEADY: agent_spec(f"const:{STEADY_BUSY * 100:g}", STEADY_MEMORY_USED),
 }
 
 
@@ -287,6 +294,23 @@ def test_scores_follow_a_change_of_load(live: Live) -> None:
     headroom = live.headroom()
     assert headroom[FLIP] == pytest.approx(1 - FLIP_BUSY, abs=0.02), headroom
     assert headroom[STEADY] == pytest.approx(1 - STEADY_BUSY, abs=0.02), headroom
+
+
+def test_measured_gpu_memory_refuses_what_declarations_would_allow(live: Live) -> None:
+    """A share declaring 20 GiB of GPU memory: by declarations every GPU of both nodes has 80 GB free, but
+    `tl-steady` measures about 8 GiB free on each, so only `tl-flip` may take it; 4 GiB fits on both."""
+    wait_fresh(live, timeout_s=10)
+
+    def fits(gpu_memory: str) -> dict[str, str]:
+        pod = gpu_pod("memory-probe", NS, POOL, {GPU_MILLI_RESOURCE: "500"}, {ANNOTATION_GPU_MEMORY: gpu_memory})
+        body = {"Pod": pod, "NodeNames": [FLIP, STEADY]}
+        return {n["node"]: n["reason"] for n in helpers.http_post_json(f"{live.extender.url}/explain", body)["nodes"]}
+
+    try:
+        assert fits("20Gi") == {FLIP: REASON_TEXT[Reason.FITS], STEADY: REASON_TEXT[Reason.NO_GPU_SHARE]}
+        assert fits("4Gi") == {FLIP: REASON_TEXT[Reason.FITS], STEADY: REASON_TEXT[Reason.FITS]}
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}{live.context()}") from None
 
 
 def test_prometheus_outage_falls_back_and_recovers(live: Live) -> None:

@@ -25,7 +25,8 @@ class Weights(_Strict):
     best_fit: float = Field(0.0, ge=0, alias="bestFit")
     packing: float = Field(0.01, ge=0)  # shares to GPUs in use; below one fragmentation step (0.04): only ties
     mig_fit: float = Field(1.0, ge=0, alias="migFit")
-    utilization: float = Field(0.0, ge=0)
+    utilization: float = Field(0.0, ge=0)  # measured compute headroom (needs telemetry)
+    memory_headroom: float = Field(0.0, ge=0, alias="memoryHeadroom")  # measured free GPU memory (needs telemetry)
     # Below packing's step too: among placements equal in every other score, the node with fewer GPUs.
     small_nodes: float = Field(0.001, ge=0, alias="smallNodes")
 

@@ -149,6 +149,15 @@ def _first_failed(checks: list[tuple[np.ndarray, Reason]], n: int) -> np.ndarray
     return codes[failed.argmax(axis=0)]  # argmax finds the first True
 
 
+def gpu_memory_room(snapshot: ClusterSnapshot, rows: np.ndarray, need_mib: int) -> np.ndarray:
+    """bool [R, G]: GPUs with `need_mib` of memory free, both by what their tenants declared and, where telemetry
+    has a fresh reading, by what is measured free: a tenant that declared nothing, or an inference server that
+    took most of the memory up front, leaves less than the declarations say."""
+    room = snapshot.gpu_mem_free[rows] >= need_mib
+    with np.errstate(invalid="ignore"):
+        return room & ~(snapshot.gpu_mem_free_measured[rows] < need_mib)  # NaN (not measured) compares False
+
+
 def usable_gpus(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand) -> np.ndarray:
     """bool [R, G]: GPUs with room for one unit of the demand (a whole GPU, or its share and memory).
 
@@ -156,7 +165,7 @@ def usable_gpus(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand) -> 
     longer idle, so it is not offered to new pods as free."""
     usable = snapshot.gpu_free[rows] - snapshot.gpu_borrowed[rows] >= demand.gpu_milli
     if demand.gpu_memory_mib:
-        usable &= snapshot.gpu_mem_free[rows] >= demand.gpu_memory_mib
+        usable &= gpu_memory_room(snapshot, rows, demand.gpu_memory_mib)
     if demand.guards_gpu:
         usable &= snapshot.gpu_borrowed[rows] == 0
     return usable & snapshot.gpu_present[rows]
@@ -193,5 +202,5 @@ def borrowable_gpus(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand,
             snapshot.gpu_borrowed[rows] - snapshot.gpu_free[rows] + demand.gpu_milli
             <= overcommit.max_borrowed_milli_per_gpu
         )
-        & (snapshot.gpu_mem_free[rows] >= demand.gpu_memory_mib)
+        & gpu_memory_room(snapshot, rows, demand.gpu_memory_mib)
     )

@@ -138,16 +138,26 @@ def mig_fit_score(c: Candidates) -> np.ndarray:
     return -np.where(np.isfinite(losses), losses, 0.0)
 
 
-def utilization_score(c: Candidates) -> np.ndarray:
-    """Headroom by measured busy fraction (0..1); nodes without fresh telemetry score neutral (0.5)."""
-    util = c.snapshot.gpu_util[c.rows]
-    if c.per_gpu:
-        headroom = 1.0 - util
-    else:
-        with np.errstate(all="ignore"):
-            headroom = 1.0 - np.nanmean(np.where(c.snapshot.gpu_present[c.rows], util, np.nan), axis=1)
-        headroom = headroom[:, None]
+def _measured_headroom(c: Candidates, headroom: np.ndarray) -> np.ndarray:
+    """Per GPU for a share (its GPU), else the mean over the node's GPUs; neutral (0.5) where nothing is measured."""
+    if not c.per_gpu:
+        measured = c.snapshot.gpu_present[c.rows] & ~np.isnan(headroom)
+        with np.errstate(invalid="ignore"):  # 0 / 0 where nothing is measured: NaN, then neutral
+            headroom = (np.where(measured, headroom, 0.0).sum(axis=1) / measured.sum(axis=1))[:, None]
     return np.nan_to_num(headroom, nan=0.5)
+
+
+def utilization_score(c: Candidates) -> np.ndarray:
+    """Compute headroom by measured busy fraction (0..1); GPUs without fresh telemetry score neutral (0.5)."""
+    return _measured_headroom(c, 1.0 - c.snapshot.gpu_util[c.rows])
+
+
+def memory_headroom_score(c: Candidates) -> np.ndarray:
+    """Measured free GPU memory as a fraction of the GPU's (0..1); GPUs without fresh telemetry score neutral.
+    Room for a model's KV cache to grow, and for the next replica, which declarations alone can overstate."""
+    with np.errstate(all="ignore"):
+        free = c.snapshot.gpu_mem_free_measured[c.rows] / c.snapshot.gpu_mem_total[c.rows]
+    return _measured_headroom(c, np.clip(free, 0.0, 1.0))
 
 
 def small_node_score(c: Candidates) -> np.ndarray:
@@ -165,5 +175,6 @@ SCORERS = {
     "packing": packing_score,
     "mig_fit": mig_fit_score,
     "utilization": utilization_score,
+    "memory_headroom": memory_headroom_score,
     "small_nodes": small_node_score,
 }

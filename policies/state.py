@@ -43,6 +43,7 @@ class ClusterSnapshot:
     gpu_mem_total: np.ndarray  # int32 [N, G] MiB
     gpu_mem_free: np.ndarray  # int32 [N, G] MiB
     gpu_util: np.ndarray  # float32 [N, G] measured busy fraction 0..1, NaN where unknown
+    gpu_mem_free_measured: np.ndarray  # float32 [N, G] MiB measured free, NaN where unknown
     gpu_borrowed: np.ndarray  # int32 [N, G] milli-GPU of shares running on borrowed idle capacity
     gpu_guarded: np.ndarray  # int16 [N, G] tenants whose latency class forbids borrowing on the GPU
     gpu_declared_busy: np.ndarray  # float32 [N, G] sum of the tenants' expected busy fractions
@@ -133,6 +134,7 @@ class ClusterState:
         self.gpu_free = np.where(self.gpu_present, MILLI_PER_GPU, 0).astype(np.int32)
         self.gpu_mem_free = np.where(self.gpu_present, self.gpu_mem_total, 0).astype(np.int32)
         self.gpu_util = np.full((n, g), np.nan, dtype=np.float32)
+        self.gpu_mem_free_measured = np.full((n, g), np.nan, dtype=np.float32)
         self.node_gpus = (self.gpu_present | (self.mig_table >= 0)).sum(axis=1).astype(np.int16)
         self.largest_node_cpu = max(int(self.cpu_total.max(initial=1)), 1)
         self.largest_node_gpu_milli = max(int(self.gpu_present.sum(axis=1).max(initial=1)), 1) * MILLI_PER_GPU
@@ -146,7 +148,7 @@ class ClusterState:
             self.mig_table,
             self.node_gpus,
         )
-        for array in (*shared, self.gpu_util):
+        for array in (*shared, self.gpu_util, self.gpu_mem_free_measured):
             array.flags.writeable = False
         self.gpu_borrowed = np.zeros((n, g), dtype=np.int32)
         self.gpu_guarded = np.zeros((n, g), dtype=np.int16)
@@ -195,10 +197,15 @@ class ClusterState:
                 self.row_version[i] = self._generation
         return assignment
 
-    def set_utilization(self, util: np.ndarray) -> None:
-        """Replace measured GPU busy fractions ([N, G], NaN = unknown)."""
+    def set_utilization(self, util: np.ndarray, memory_free_mib: np.ndarray | None = None) -> None:
+        """Replace measured GPU busy fractions and, when given, measured free GPU memory ([N, G], NaN = unknown;
+        without it, free memory becomes unknown everywhere)."""
         self.gpu_util = util.astype(np.float32, copy=True)
         self.gpu_util.flags.writeable = False
+        if memory_free_mib is None:
+            memory_free_mib = np.full(util.shape, np.nan)
+        self.gpu_mem_free_measured = memory_free_mib.astype(np.float32, copy=True)
+        self.gpu_mem_free_measured.flags.writeable = False
         self._generation += 1
         self.row_version[:] = self._generation
 
@@ -287,6 +294,7 @@ class ClusterState:
             gpu_mem_total=self.gpu_mem_total,
             gpu_mem_free=edited(self.gpu_mem_free),
             gpu_util=self.gpu_util,
+            gpu_mem_free_measured=self.gpu_mem_free_measured,
             gpu_borrowed=edited(self.gpu_borrowed),
             gpu_guarded=edited(self.gpu_guarded),
             gpu_declared_busy=edited(self.gpu_declared_busy),

@@ -138,9 +138,9 @@ class ClusterModel:
             if self._forget(key):
                 self._publish()
 
-    def set_utilization(self, util) -> None:  # type: ignore[no-untyped-def]
+    def set_utilization(self, util, memory_free_mib=None) -> None:  # type: ignore[no-untyped-def]
         with self._lock:
-            self._state.set_utilization(util)
+            self._state.set_utilization(util, memory_free_mib)
             self._publish()
 
     # -- bind-time reservations --------------------------------------------------------------------------

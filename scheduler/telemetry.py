@@ -4,13 +4,13 @@ One query per interval reads every GPU's series of the last `lookback` seconds w
 (a range selector evaluated as an instant query), whether they come from DCGM exporter or from our node agent:
 both use DCGM's names and the labels `Hostname` (or `node` / `kubernetes_node`) and `gpu`. Per GPU the busy
 fraction is `DCGM_FI_PROF_GR_ENGINE_ACTIVE` where the hardware gives it, else `DCGM_FI_DEV_GPU_UTIL` / 100,
-smoothed over `window_s` (mean or 90th percentile). MIG instance series (`GPU_I_ID`) are not whole-GPU load and
-are skipped.
+smoothed over `window_s` (mean or a percentile); its free memory is the newest `DCGM_FI_DEV_FB_FREE`. MIG
+instance series (`GPU_I_ID`) are not whole-GPU load and are skipped.
 
-A GPU whose newest sample is older than `max_age_s` is unknown (NaN): the policy then places on allocation alone
-for it. Pods bound after a GPU's newest sample count as estimated load (their share of the GPU) until a sample
-taken after the binding shows them. Failures of Prometheus keep the samples already held until they expire; the
-store logs the first failure and the recovery, and never raises into its caller.
+A GPU whose newest sample is older than `max_age_s` is unknown (NaN): the policy then places on allocation and
+declared GPU memory alone for it. Pods bound after a GPU's newest sample count as estimated load (their share of
+the GPU) until a sample taken after the binding shows them. Failures of Prometheus keep the samples already held
+until they expire; the store logs the first failure and the recovery, and never raises into its caller.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from policies.inventory import MILLI_PER_GPU, Assignment
+from policies.state import ClusterSnapshot
 from scheduler.model import ClusterModel
 from scheduler.promql import PrometheusClient, PrometheusError, Series
 
@@ -324,7 +325,7 @@ class TelemetryStore:
                     busy[key] = self._smooth(points, now) * _SCALE[name]
                     newest[key] = max(points)
                     break
-            if FB_USED in metrics and FB_FREE in metrics:
+            if FB_USED in metrics and FB_FREE in metrics and max(metrics[FB_USED]) >= fresh_after:
                 u, f = metrics[FB_USED][max(metrics[FB_USED])], metrics[FB_FREE][max(metrics[FB_FREE])]
                 used[key], total[key] = u, u + f
         for key, extra in self._estimated(newest).items():
@@ -365,15 +366,12 @@ class TelemetryStore:
     def _push(self, view: TelemetryView) -> TelemetryView:
         for _ in range(3):  # the node set may change between building the array and handing it over
             snapshot = self._model.snapshot()
-            n, g = snapshot.gpu_present.shape
-            util = np.full((n, g), np.nan, dtype=np.float32)
-            for (node, gpu), value in view.busy.items():
-                i = snapshot.index.get(node)
-                if i is not None and gpu < g:
-                    util[i, gpu] = value
+            util = _per_gpu(snapshot, view.busy)
+            free = {key: view.memory_total_mib[key] - used for key, used in view.memory_used_mib.items()}
+            memory_free = _per_gpu(snapshot, free)
             current = self._model.snapshot()
-            if current.names == snapshot.names and current.gpu_present.shape == (n, g):
-                self._model.set_utilization(util)
+            if current.names == snapshot.names and current.gpu_present.shape == util.shape:
+                self._model.set_utilization(util, memory_free)
                 break
         else:
             log.warning("node set kept changing; utilization not updated this interval")
@@ -401,3 +399,14 @@ class TelemetryStore:
                 log.info("fresh utilization for every node", extra={"fresh_nodes": fresh})
             self._stale = stale_names
         return replace(view, fresh_nodes=fresh, stale_nodes=stale)
+
+
+def _per_gpu(snapshot: ClusterSnapshot, values: Mapping[GpuKey, float]) -> np.ndarray:
+    """float32 [N, G]: `values` by (node, GPU) in the snapshot's rows, NaN where there is none."""
+    n, g = snapshot.gpu_present.shape
+    out = np.full((n, g), np.nan, dtype=np.float32)
+    for (node, gpu), value in values.items():
+        i = snapshot.index.get(node)
+        if i is not None and gpu < g:
+            out[i, gpu] = value
+    return out

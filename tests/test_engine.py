@@ -97,3 +97,21 @@ def test_a_share_goes_to_the_gpu_it_fills_most_tightly_when_all_else_is_equal():
     no_fragmentation = PlacementPolicy.model_validate({"weights": {"fragmentation": 0}})
     ev = evaluate(snap, share, np.arange(1), no_fragmentation, typical_shapes([share]))
     assert int(ev.choice[0]) == 2
+
+
+def test_memory_headroom_scores_measured_free_memory_per_gpu_for_shares_and_per_node_otherwise():
+    from policies.scoring import Candidates, memory_headroom_score
+
+    state = ClusterState([node("a", gpus=2), node("b", gpus=2)])  # 16 GiB GPUs
+    free = np.full(state.gpu_util.shape, np.nan)
+    free[0, :2] = 4_096.0, 16_384.0  # node b has no reading
+    state.set_utilization(np.zeros(state.gpu_util.shape), memory_free_mib=free)
+    snap = state.view()
+    per_gpu = memory_headroom_score(Candidates(snap, np.arange(2), SHARE, SHAPES))
+    np.testing.assert_allclose(per_gpu[:, :2], [[0.25, 1.0], [0.5, 0.5]])  # unknown: neutral
+    per_node = memory_headroom_score(Candidates(snap, np.arange(2), WHOLE, SHAPES))
+    np.testing.assert_allclose(per_node, [[0.625], [0.5]])
+
+    by_memory = PlacementPolicy.model_validate({"weights": {"fragmentation": 0, "memoryHeadroom": 1}})
+    ev = evaluate(snap, SHARE, np.arange(2), by_memory, SHAPES)
+    assert snap.names[ev.rows[ev.best()]] == "a" and int(ev.choice[ev.best()]) == 1

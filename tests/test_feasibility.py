@@ -3,7 +3,7 @@
 import numpy as np
 
 from policies.demand import Demand
-from policies.feasibility import Reason, feasibility, is_resolvable
+from policies.feasibility import Reason, feasibility, is_resolvable, usable_gpus
 from policies.inventory import Assignment, GpuDevice, MigInstance, MigPlacement, NodeInventory
 from policies.state import ClusterState
 from tests.helpers import mig_node, node
@@ -39,6 +39,22 @@ def test_gpu_model_cpu_and_memory():
 def test_gpu_memory_request_filters_small_gpus():
     state = ClusterState([node("a", gpus=1)])  # 16 GiB GPUs
     assert reasons(state, Demand(gpu_count=1, gpu_milli=500, gpu_memory_mib=20_000)) == [Reason.GPU_MEMORY_TOO_SMALL]
+
+
+def test_measured_gpu_memory_bounds_what_declarations_leave():
+    # Nothing is declared on either GPU, but GPU 0 measures 12 GiB in use (a server that took its memory up front).
+    state = ClusterState([node("a", gpus=2)])  # 16 GiB GPUs
+    pod = Demand(gpu_count=1, gpu_milli=500, gpu_memory_mib=8_192)
+    idle, free = np.zeros(state.gpu_util.shape), np.full(state.gpu_util.shape, np.nan)
+    free[0, :2] = 4_096.0, 16_384.0
+    state.set_utilization(idle, memory_free_mib=free)
+    assert usable_gpus(state.view(), np.arange(1), pod)[0, :2].tolist() == [False, True]
+    free[0, 1] = 4_096.0
+    state.set_utilization(idle, memory_free_mib=free)
+    assert reasons(state, pod) == [Reason.NO_GPU_SHARE]
+    state.set_utilization(idle)  # no reading: declarations alone decide
+    assert reasons(state, pod) == [Reason.FITS]
+    assert reasons(state, Demand(gpu_count=1, gpu_milli=500)) == [Reason.FITS]  # declares nothing: not checked
 
 
 def test_mig_profile_availability():

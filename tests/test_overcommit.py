@@ -115,6 +115,14 @@ def test_the_ledger_sums_declared_busy_per_gpu() -> None:
     assert state.gpu_declared_busy[0, 0] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_lender_must_have_the_borrowers_memory_free_as_measured() -> None:
+    state = full_cluster(util=0.2)  # declared: 50 GiB of each 80 GiB GPU free
+    measured = np.full(state.gpu_util.shape, 20.0 * GIB, dtype=np.float32)  # the tenants use more than they said
+    state.set_utilization(state.gpu_util, memory_free_mib=measured)
+    _, evaluation = decide(state, REPLICA)  # asks 30 GiB
+    assert evaluation.reasons[0] == Reason.GPUS_BUSY and not evaluation.is_borrowed(0)
+
+
 def test_disabled_policy_or_missing_telemetry_means_allocation_only() -> None:
     for state, policy in ((full_cluster(util=0.2), PlacementPolicy()), (full_cluster(util=None), ON)):
         _, evaluation = decide(state, REPLICA, policy)

@@ -169,6 +169,8 @@ def test_one_query_maps_series_to_node_rows_and_gpus(prom: FakePrometheus) -> No
     assert util_of(model)["c"][0] == 0.55
     assert np.isnan(model.snapshot().gpu_util[model.snapshot().index["m"]]).all()  # MIG instances are not GPU load
     assert view.memory_used_mib[("a", 0)] == 4096.0 and view.memory_total_mib[("a", 0)] == 16384.0
+    free = model.snapshot().gpu_mem_free_measured[model.snapshot().index["a"]]
+    assert free[0] == 12288.0 and np.isnan(free[1])  # GPU 1 reports no memory: unknown, not full or empty
     assert (view.fresh_nodes, view.stale_nodes) == (3, 0)  # b is fresh through one GPU; m has no shareable GPU
     text = _metrics_text(store)
     assert 'gpu_extender_telemetry_nodes{state="fresh"} 3.0' in text
@@ -179,6 +181,18 @@ def _metrics_text(store: TelemetryStore) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(store.registry).decode()
+
+
+def test_stale_memory_readings_are_unknown(prom: FakePrometheus) -> None:
+    clock = Clock()
+    prom.add("DCGM_FI_DEV_GPU_UTIL", dcgm(0, "a"), clock.t, 40.0)  # utilization fresh, memory last seen long ago
+    prom.add("DCGM_FI_DEV_FB_USED", dcgm(0, "a"), clock.t - 60, 4096.0)
+    prom.add("DCGM_FI_DEV_FB_FREE", dcgm(0, "a"), clock.t - 60, 12288.0)
+    model = cluster()
+    view = store_for(prom, model, clock, window_s=120.0, max_age_s=30.0).poll_once()  # read, but too old
+    assert util_of(model)["a"][0] == 0.4
+    assert ("a", 0) not in view.memory_used_mib
+    assert np.isnan(model.snapshot().gpu_mem_free_measured).all()
 
 
 def test_engine_activity_is_preferred_over_gpu_util(prom: FakePrometheus) -> None:
