@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from policies.fragmentation import node_fragmentation
+from policies.fragmentation import cpu_stranding, node_fragmentation
 from policies.state import ClusterSnapshot
 from scheduler.model import ClusterModel
 
@@ -28,16 +28,22 @@ class FleetCollector(Collector):
         snapshot = view.snapshot
         capacity = snapshot.gpu_present.sum()
         allocated = (snapshot.gpu_allocated_milli()) / 1000.0
-        fragmented = 0.0
+        fragmented = stranded = 0.0
         if snapshot.size:
             rows = np.arange(snapshot.size)
             fragmented = float(node_fragmentation(snapshot, rows, view.shapes).sum()) / 1000.0
+            stranded = float(cpu_stranding(snapshot, rows, view.shapes).sum()) / 1000.0
         yield GaugeMetricFamily("gpu_extender_gpus", "Schedulable GPUs (not in MIG mode) in the fleet", float(capacity))
         yield GaugeMetricFamily("gpu_extender_allocated_gpus", "GPU capacity held by pods, in GPUs", allocated)
         yield GaugeMetricFamily(
             "gpu_extender_fragmented_gpus",
             "Idle GPU capacity the typical pod shapes could not use (FGD measure), in GPUs",
             fragmented,
+        )
+        yield GaugeMetricFamily(
+            "gpu_extender_cpu_stranded_gpus",
+            "Idle GPU capacity the nodes' free CPU cannot feed at the typical pods' CPU per GPU, in GPUs",
+            stranded,
         )
         borrowed = float(snapshot.gpu_borrowed.sum()) / 1000.0
         yield GaugeMetricFamily(

@@ -98,9 +98,13 @@ class ExtenderScoring(_Strict):
 
 
 class FragmentationScoring(_Strict):
-    """`steps`: FGD's integer steps, so near-equal placements tie and packing decides; `exact`: the raw change."""
+    """`steps`: FGD's integer steps, so near-equal placements tie and packing decides; `exact`: the raw change.
+
+    `cpuStranding`: how much the GPU capacity a placement leaves its node's CPU unable to feed (at the typical GPU
+    pods' CPU per GPU) counts beside FGD's fragmentation, in the same GPUs; 0 is FGD's measure alone."""
 
     mode: Literal["steps", "exact"] = "steps"
+    cpu_stranding: float = Field(1.0, ge=0, alias="cpuStranding")
 
 
 class Reservations(_Strict):

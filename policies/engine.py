@@ -7,7 +7,7 @@ decides where a pod goes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 
 import numpy as np
 
@@ -108,7 +108,9 @@ def evaluate(
         candidates = Candidates(snapshot, rows[ok], demand, shapes)
         total = np.zeros(candidates.valid.shape)
         values: dict[str, np.ndarray] = {}
-        scorers = {**SCORERS, "fragmentation": FRAGMENTATION_SCORERS[policy.fragmentation_scoring.mode]}
+        how = policy.fragmentation_scoring
+        fragmentation = partial(FRAGMENTATION_SCORERS[how.mode], cpu_stranding=how.cpu_stranding)
+        scorers = {**SCORERS, "fragmentation": fragmentation}
         for name, scorer in scorers.items():
             weight = getattr(policy.weights, name)
             if weight:

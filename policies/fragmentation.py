@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -36,6 +37,13 @@ class TypicalShapes:
     @property
     def size(self) -> int:
         return len(self.weight)
+
+    @cached_property
+    def cpu_per_gpu_milli(self) -> float:
+        """milli-CPU the typical GPU pods ask per milli-GPU, popularity-weighted (0 without GPU shapes)."""
+        gpu = self.gpu_milli > 0
+        asked = float((self.weight * self.gpu_count * self.gpu_milli)[gpu].sum())
+        return float((self.weight * self.cpu_milli)[gpu].sum()) / asked if asked else 0.0
 
     def same_as(self, other: TypicalShapes) -> bool:
         """The same shapes with the same weights (whatever object holds them)."""
@@ -215,6 +223,36 @@ def _delta(snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: 
     _, accessible, count, below, idle = terms
     before = _combine(count, below, idle, snapshot.cpu_free[rows], snapshot.mem_free[rows], accessible, shapes)
     return _after(snapshot, rows, demand, shapes, terms) - before[:, None]
+
+
+def _unfed(gpu_free_milli: np.ndarray, cpu_free_milli: np.ndarray, cpu_per_gpu_milli: float) -> np.ndarray:
+    return np.maximum(gpu_free_milli - cpu_free_milli / cpu_per_gpu_milli, 0.0)
+
+
+def cpu_stranding(snapshot: ClusterSnapshot, rows: np.ndarray, shapes: TypicalShapes) -> np.ndarray:
+    """float [R]: the idle GPU capacity (milli-GPU) of each node that its free CPU cannot feed, at the CPU per GPU
+    the typical GPU pods ask (`TypicalShapes.cpu_per_gpu_milli`)."""
+    ratio = shapes.cpu_per_gpu_milli
+    if not ratio:
+        return np.zeros(len(rows))
+    return _unfed(snapshot.gpu_free[rows].sum(axis=1), snapshot.cpu_free[rows], ratio)
+
+
+def cpu_stranding_delta(
+    snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, shapes: TypicalShapes
+) -> np.ndarray:
+    """float [R]: how much placing `demand` on each node changes its `cpu_stranding` (milli-GPU).
+
+    FGD asks whether one typical pod still fits a node. A node can pass that test pod after pod and still run out
+    of CPU with GPUs idle, when the pods it takes ask more CPU per GPU than it has: a placement that takes more
+    than its share of the node's CPU strands the GPUs that remain, one that takes less leaves CPU for them."""
+    ratio = shapes.cpu_per_gpu_milli
+    if not ratio:
+        return np.zeros(len(rows))
+    free = snapshot.gpu_free[rows].sum(axis=1)
+    cpu = snapshot.cpu_free[rows]
+    taken = 0 if demand.mig_profile else demand.gpu_milli_total
+    return _unfed(free - taken, cpu - demand.cpu_milli, ratio) - _unfed(free, cpu, ratio)
 
 
 FGD_POINTS = 100  # FGD answers as a kube-scheduler score plugin does: 0..100

@@ -129,6 +129,24 @@ def test_metrics_expose_latency_and_fleet(client: TestClient) -> None:
     assert 'gpu_extender_request_duration_seconds_count{verb="filter"} 1.0' in text
     assert 'gpu_extender_rejections_total{reason="node has fewer GPUs than requested"} 4.0' in text
     assert "gpu_extender_gpus 22.0" in text
+    assert "\ngpu_extender_cpu_stranded_gpus " in text
+
+
+def test_fleet_metrics_count_gpus_their_nodes_cpu_cannot_feed() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from extender.metrics import FleetCollector
+    from scheduler.model import ClusterModel
+    from tests.helpers import node
+
+    model = ClusterModel(PlacementPolicy())
+    model.replace_nodes([node("starved", gpus=4, cpu=8_000), node("fed", gpus=4, cpu=64_000)])
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(model))
+    ratio = model.view().shapes.cpu_per_gpu_milli  # the policy's default shapes: about 8 cores per GPU
+    expected = (4000 - 8000 / ratio) / 1000
+    assert registry.get_sample_value("gpu_extender_cpu_stranded_gpus") == pytest.approx(expected)
+    assert 2.5 < expected < 3.5
 
 
 def test_filter_reply_has_the_wire_shape() -> None:

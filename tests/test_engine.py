@@ -1,6 +1,7 @@
 """The combined decision: scores, the 0..10 answer for kube-scheduler, and the concrete assignment."""
 
 import numpy as np
+import pytest
 
 from policies.config import PlacementPolicy
 from policies.demand import Demand
@@ -115,3 +116,18 @@ def test_memory_headroom_scores_measured_free_memory_per_gpu_for_shares_and_per_
     by_memory = PlacementPolicy.model_validate({"weights": {"fragmentation": 0, "memoryHeadroom": 1}})
     ev = evaluate(snap, SHARE, np.arange(2), by_memory, SHAPES)
     assert snap.names[ev.rows[ev.best()]] == "a" and int(ev.choice[ev.best()]) == 1
+
+
+def test_a_cpu_hungry_pod_goes_where_its_cpu_strands_no_gpus():
+    """Both nodes still fit a typical pod (8 cores, one GPU) after a 20-core GPU pod, so FGD alone is indifferent
+    and the fixed order picks `tight`; there the pod leaves 20 cores for 3 GPUs, half a GPU the CPU cannot feed."""
+    state = ClusterState([node("tight", gpus=4, cpu=40_000), node("roomy", gpus=4, cpu=96_000)])
+    shapes = typical_shapes([Demand(cpu_milli=8000, gpu_count=1, gpu_milli=1000)])
+    hungry = Demand(cpu_milli=20_000, gpu_count=1, gpu_milli=1000)
+    snap = state.view()
+    fgd_alone = PlacementPolicy.model_validate({"fragmentationScoring": {"cpuStranding": 0}})
+    for policy, expected in ((fgd_alone, "tight"), (PlacementPolicy(), "roomy")):
+        ev = evaluate(snap, hungry, np.arange(2), policy, shapes, components=True)
+        assert snap.names[ev.rows[ev.best()]] == expected
+    # Half a GPU stranded: 37 of FGD's 100 points, against 50 for no change.
+    assert ev.components["fragmentation"].tolist() == pytest.approx([(37 - 50) / 25, 0.0])

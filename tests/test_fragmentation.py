@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from policies.demand import Demand
-from policies.fragmentation import fragmentation_delta, node_fragmentation, typical_shapes
+from policies.fragmentation import (
+    cpu_stranding,
+    cpu_stranding_delta,
+    fragmentation_delta,
+    node_fragmentation,
+    typical_shapes,
+)
 from policies.inventory import Assignment
 from policies.state import ClusterState
 from tests.helpers import node
@@ -92,3 +98,20 @@ def test_identical_nodes_are_evaluated_once_with_the_same_result():
     for pod in (Demand(cpu_milli=500, memory_mib=1024, gpu_count=1, gpu_milli=300), WHOLE, CPU_ONLY):
         expected = _delta(state.view(), rows, pod, shapes)
         np.testing.assert_array_equal(fragmentation_delta(state.view(), rows, pod, shapes), expected)
+
+
+def test_cpu_stranding_counts_the_gpus_free_cpu_cannot_feed():
+    shapes = typical_shapes([Demand(cpu_milli=8000, gpu_count=1, gpu_milli=1000), Demand(cpu_milli=4000)])
+    assert shapes.cpu_per_gpu_milli == 8.0  # CPU-only shapes ask no GPU: not part of the ratio
+    state = ClusterState([node("a", gpus=4, cpu=32_000), node("b", gpus=4, cpu=4_000)])
+    snap, rows = state.view(), np.arange(2)
+    assert cpu_stranding(snap, rows, shapes).tolist() == [0.0, 3500.0]  # b's 4 cores feed half a GPU
+    greedy = Demand(cpu_milli=20_000, gpu_count=1, gpu_milli=1000)  # 12 cores left for 3 GPUs: 1.5 GPUs unfed
+    frugal = Demand(cpu_milli=2_000, gpu_count=1, gpu_milli=1000)
+    cpu_only = Demand(cpu_milli=16_000)
+    assert cpu_stranding_delta(snap, rows[:1], greedy, shapes).tolist() == [1500.0]
+    assert cpu_stranding_delta(snap, rows[:1], frugal, shapes).tolist() == [0.0]
+    assert cpu_stranding_delta(snap, rows[:1], cpu_only, shapes).tolist() == [2000.0]
+    # On b a GPU pod asking less CPU per GPU than the ratio takes a GPU the CPU could not feed anyway.
+    assert cpu_stranding_delta(snap, rows[1:], frugal, shapes).tolist() == [(3000 - 2000 / 8) - 3500.0]
+    assert cpu_stranding(snap, rows, typical_shapes([Demand(cpu_milli=4000)])).tolist() == [0.0, 0.0]
