@@ -100,6 +100,44 @@ class ArmResult:
     colocated_hot_share: float  # of it, time on GPUs holding two tenants or more (where one can slow another)
 
 
+@dataclass
+class _Tally:
+    """Occupied GPU-time and how busy it was, summed one step at a time: the measures every arm reports."""
+
+    gpu_steps: int = 0
+    peak: int = 0
+    busy: float = 0.0
+    hot: int = 0  # GPU-steps above 90 % busy
+    shared_hot: int = 0  # of them, steps no single tenant was above 90 % on its own
+    colocated_hot: int = 0  # of them, steps on GPUs holding two tenants or more
+
+    def add(self, load: np.ndarray, solo: np.ndarray, residents: np.ndarray) -> None:
+        """One step: per GPU the summed busy fraction of its tenants, the busiest one's, and how many there are."""
+        occupied = residents > 0
+        count = int(occupied.sum())
+        self.gpu_steps += count
+        self.peak = max(self.peak, count)
+        self.busy += float(np.minimum(load[occupied], 1.0).sum())
+        hot = load[occupied] > INTERFERENCE_BUSY
+        self.hot += int(hot.sum())
+        self.shared_hot += int((hot & (solo[occupied] <= INTERFERENCE_BUSY)).sum())
+        self.colocated_hot += int((hot & (residents[occupied] > 1)).sum())
+
+    def result(self, name: str, placed: int, failed: int, steps: int) -> ArmResult:
+        per_gpu_step = max(self.gpu_steps, 1)
+        return ArmResult(
+            name,
+            placed,
+            failed,
+            gpus_mean=self.gpu_steps / steps,
+            gpus_peak=self.peak,
+            busy_mean=self.busy / per_gpu_step,
+            hot_share=self.hot / per_gpu_step,
+            shared_hot_share=self.shared_hot / per_gpu_step,
+            colocated_hot_share=self.colocated_hot / per_gpu_step,
+        )
+
+
 def arrival_steps(trace: DutyTrace, start: int) -> np.ndarray:
     """Pods alive at `start` roll out one per step from there; later pods arrive at their first sample; pods
     gone by then never arrive (-1)."""
@@ -176,22 +214,12 @@ def foresight(trace: DutyTrace, start: int, capacity_mib: int) -> ArmResult:
             solo.append(busy[:, pod].copy())
             memory.append(int(trace.memory_mib[pod]))
             members.append([pod])
-    residents = np.array([alive[:, m].sum(axis=1) for m in members])  # [G, T]
-    occupied = residents > 0
-    total, alone = np.array(load), np.array(solo)
-    hot = occupied & (total > INTERFERENCE_BUSY)
-    gpu_steps = max(int(occupied.sum()), 1)
-    return ArmResult(
-        "foresight (offline reference)",
-        placed=sum(len(m) for m in members),
-        failed=0,
-        gpus_mean=occupied.sum() / len(steps),
-        gpus_peak=int(occupied.sum(axis=0).max(initial=0)),
-        busy_mean=float(np.minimum(total, 1.0)[occupied].sum()) / gpu_steps,
-        hot_share=int(hot.sum()) / gpu_steps,
-        shared_hot_share=int((hot & (alone <= INTERFERENCE_BUSY)).sum()) / gpu_steps,
-        colocated_hot_share=int((hot & (residents > 1)).sum()) / gpu_steps,
-    )
+    residents = np.array([alive[:, m].sum(axis=1) for m in members]).T  # [T, G]
+    total, alone = np.array(load).T, np.array(solo).T
+    tally = _Tally()
+    for t in range(len(steps)):
+        tally.add(total[t], alone[t], residents[t])
+    return tally.result("foresight (offline reference)", sum(len(m) for m in members), 0, len(steps))
 
 
 def replay(
@@ -216,9 +244,7 @@ def replay(
     tenants: dict[int, tuple[int, int]] = {}  # pod -> (row, GPU)
     bound_at: dict[int, int] = {}
     placed = failed = 0
-    gpu_steps = hot_steps = shared_hot_steps = colocated_hot_steps = 0
-    busy_sum = 0.0
-    peak = 0
+    tally = _Tally()
     for t in range(start, trace.steps):
         for pod in [p for p in tenants if trace.last[p] < t]:
             state.release(str(pod))
@@ -258,27 +284,8 @@ def replay(
         residents = np.zeros(shape, dtype=np.int64)
         for row, gpu in tenants.values():
             residents[row, gpu] += 1
-        occupied = residents > 0
-        count = int(occupied.sum())
-        peak = max(peak, count)
-        gpu_steps += count
-        busy_sum += float(np.minimum(load[occupied], 1.0).sum())
-        hot = load[occupied] > INTERFERENCE_BUSY
-        hot_steps += int(hot.sum())
-        shared_hot_steps += int((hot & (solo[occupied] <= INTERFERENCE_BUSY)).sum())
-        colocated_hot_steps += int((hot & (residents[occupied] > 1)).sum())
-    measured = trace.steps - start
-    return ArmResult(
-        name,
-        placed,
-        failed,
-        gpus_mean=gpu_steps / measured,
-        gpus_peak=peak,
-        busy_mean=busy_sum / max(gpu_steps, 1),
-        hot_share=hot_steps / max(gpu_steps, 1),
-        shared_hot_share=shared_hot_steps / max(gpu_steps, 1),
-        colocated_hot_share=colocated_hot_steps / max(gpu_steps, 1),
-    )
+        tally.add(load, solo, residents)
+    return tally.result(name, placed, failed, trace.steps - start)
 
 
 def _seen_by_extender(
