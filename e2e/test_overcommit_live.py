@@ -254,7 +254,7 @@ def fill(live: Live) -> None:
     for node, fillers in FILLERS.items():
         pool, _, load = NODES[node]
         for i, resources in enumerate(fillers):
-            declared = {ANNOTATION_EXPECTED_BUSY: f"{load:g}"} if resources is SHARE else None
+            declared = {ANNOTATION_EXPECTED_BUSY: f"{load:g}"} if GPU_MILLI_RESOURCE in resources else None
             live.bind(pod(f"fill-{node}-{i}", resources, "fill", declared, node=node, pool=pool))
     held = live.held()
     expected = {(node, g) for node, (_, gpus, _) in NODES.items() for g in range(gpus)}

@@ -9,14 +9,16 @@ import logging
 import orjson
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
 
 from extender.app import ExtenderApp, create_app
-from extender.metrics import ExtenderMetrics
+from extender.metrics import ExtenderMetrics, FleetCollector
 from extender.serve import fleet_service
 from extender.wire import ExtenderFilterResult, filter_result
 from policies.config import PlacementPolicy
 from scheduler.model import ClusterModel
 from scheduler.service import PlacementService
+from tests.helpers import node
 from tests.test_wire_replay import FLEET, captured
 
 
@@ -133,12 +135,6 @@ def test_metrics_expose_latency_and_fleet(client: TestClient) -> None:
 
 
 def test_fleet_metrics_count_gpus_their_nodes_cpu_cannot_feed() -> None:
-    from prometheus_client import CollectorRegistry
-
-    from extender.metrics import FleetCollector
-    from scheduler.model import ClusterModel
-    from tests.helpers import node
-
     model = ClusterModel(PlacementPolicy())
     model.replace_nodes([node("starved", gpus=4, cpu=8_000), node("fed", gpus=4, cpu=64_000)])
     registry = CollectorRegistry()
