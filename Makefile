@@ -1,12 +1,13 @@
 # Two entry points: `make demo` (the extender scheduling GPU pods through a real kube-scheduler) and `make test`.
-# Both install what they need first; the Kubernetes binaries are built once from Go modules and cached.
-PYTHON ?= python3
-PIP ?= $(PYTHON) -m pip
+# Both install what they need first, into the project's own virtual environment (.venv), never the machine's
+# Python; the Kubernetes binaries are built once from Go modules and cached.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench fuzz
 
 setup:
-	@bash e2e/setup.sh
+	@VENV=$(VENV) bash e2e/setup.sh
 
 demo: setup
 	$(PYTHON) -m e2e.demo
@@ -14,8 +15,8 @@ demo: setup
 test: setup
 	$(PYTHON) -m pytest -q
 
-lint:
-	ruff check . && ruff format --check .
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 bench: setup
 	$(PYTHON) -m e2e.bench_extender

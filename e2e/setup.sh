@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the demo and the tests need on a fresh Debian machine: the Python package with its test
-# extras, etcd and Prometheus from Debian, and (through e2e.build) kube-apiserver and kube-scheduler from Go modules.
+# extras in the project's virtual environment ($VENV, default .venv), etcd and Prometheus from Debian, and (through
+# e2e.build) kube-apiserver and kube-scheduler from Go modules.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,5 +18,16 @@ if ((${#need_apt[@]})); then
   fi
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
-python3 -m e2e.build
+venv=${VENV:-.venv}
+if [[ ! -x $venv/bin/python ]]; then
+  if ! python3 -m venv "$venv" 2>/dev/null; then
+    # Debian's python3 leaves venv's pip bootstrap to a package of its own.
+    rm -rf "$venv"
+    if [[ $(id -u) -eq 0 ]]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    fi
+    python3 -m venv "$venv"
+  fi
+fi
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+"$venv/bin/python" -m e2e.build

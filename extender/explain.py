@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-import httpx
+import orjson
 import yaml
 
 
@@ -22,15 +24,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _explain(args: argparse.Namespace, pod: dict[str, Any]) -> list[dict[str, Any]]:
     if args.url:
-        reply = httpx.post(f"{args.url.rstrip('/')}/explain", json={"Pod": pod, "NodeNames": None}, timeout=30)
-        if reply.status_code != 200:
-            raise SystemExit(f"extender answered {reply.status_code}: {reply.text}")
-        return list(reply.json()["nodes"])
+        return _ask(args.url, pod)
     from extender.serve import fleet_service
     from policies.config import PlacementPolicy, load_policy
 
     policy = load_policy(args.policy) if args.policy else PlacementPolicy()
     return fleet_service(args.fleet, policy).explain(pod)
+
+
+def _ask(url: str, pod: dict[str, Any]) -> list[dict[str, Any]]:
+    """POST the pod to a running extender's `/explain` (the standard library suffices for one request)."""
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/explain",
+        data=orjson.dumps({"Pod": pod, "NodeNames": None}),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            body = reply.read()
+    except urllib.error.HTTPError as exc:
+        raise SystemExit(f"extender answered {exc.code}: {exc.read(2000).decode(errors='replace')}") from None
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        raise SystemExit(f"cannot reach the extender at {url}: {getattr(exc, 'reason', exc)}") from None
+    return list(orjson.loads(body)["nodes"])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -181,13 +181,14 @@ def run(args: argparse.Namespace) -> int:
     curves = write_curves(results, out)
     reference = Path(args.reference) if args.reference else Path(pods[0]).with_name(DEFAULT_REFERENCE)
     write_comparison(rows, reference, out)
+    plots: list[Path] = []
     if not args.no_plot:
         published = {k: v for k, v in read_reference(reference).items() if k[0] in {w for w, _ in curves}}
-        plot_curves(curves, out, published)
+        plots = plot_curves(curves, out, published)
     times = [r.elapsed_s for r in results]
     print(f"{len(results)} runs, {sum(times):.0f}s of replay, {max(times):.1f}s the longest")
     _print_table(rows)
-    print(f"wrote {out}/summary.csv, curves.csv, vs_published.csv" + ("" if args.no_plot else ", alloc_*.png"))
+    print(f"wrote {out}/summary.csv, curves.csv, vs_published.csv" + "".join(f", {p.name}" for p in plots))
     return 0
 
 

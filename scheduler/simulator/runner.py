@@ -18,6 +18,7 @@ import numpy as np
 from policies.baselines import make_policy, shapes_count_memory
 from policies.config import PlacementPolicy, load_policy
 from policies.fragmentation import TypicalShapes, typical_shapes
+from scheduler.plotting import pyplot
 from scheduler.simulator.metrics import MAX_BIN, SUMMARY_COLUMNS, allocation_curve, summarize, write_csv
 from scheduler.simulator.replay import KubeSchedulerOptions, RunResult, replay
 from scheduler.simulator.trace import PodList, arrival_sequence, gpu_capacity_milli, node_order, read_nodes, read_pods
@@ -240,11 +241,9 @@ def plot_curves(
 ) -> list[Path]:
     """One PNG per workload: allocation ratio against arrived GPU request for every policy (kube-scheduler mode
     dashed), with the published values at 100 % and 130 % as crosses in the policy's colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("alloc_*.png")
+    if plt is None:
+        return []
     reference = reference or {}
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     bases = sorted({policy.split("@")[0] for _, policy in curves} | {p for _, p in reference})
