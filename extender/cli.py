@@ -33,8 +33,18 @@ def _explain(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from scheduler.planner.cli import run
+
+    return run(args)
+
+
 def _cluster(args: argparse.Namespace) -> int:
-    from e2e.controlplane import main
+    try:
+        from e2e.controlplane import main
+    except ImportError as exc:  # the control plane's PKI needs the `cluster` extra
+        print(f"cluster: {exc.name} is missing: pip install 'kube-gpu-extender[cluster]'", file=sys.stderr)
+        return 2
 
     return main([args.action])
 
@@ -72,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_explain_arguments(explain)
     explain.set_defaults(func=_explain)
+
+    plan = sub.add_parser("plan", help="co-locate model-serving replicas on a fleet at the least cost")
+    from scheduler.planner.cli import add_arguments as add_plan_arguments
+
+    add_plan_arguments(plan)
+    plan.set_defaults(func=_plan)
 
     cluster = sub.add_parser("cluster", help="a local control plane (etcd, kube-apiserver, kube-scheduler)")
     cluster.add_argument("action", choices=["up", "down"])

@@ -1,0 +1,223 @@
+"""The planning problem in the form both solvers read: GPUs grouped into interchangeable types, the models each
+type can serve and how fast, the sets of models one GPU may share (patterns) and the MIG layouts a GPU may take.
+
+Identical GPUs are interchangeable, so the solvers decide how many GPUs of each type take each pattern or layout,
+not which GPU: the model's size follows the number of types, patterns and models, not the number of GPUs or
+replicas (the symmetry of identical GPUs that CP-SAT would otherwise explore is gone).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+from policies.colocation.types import FleetGpu, PlanError, PlannerOptions, ServedModel
+from policies.mig import MIG_TABLES
+
+Placement = tuple[str, int]  # (MIG profile, start slot)
+MAX_PATTERNS_PER_TYPE = 20_000
+
+
+@dataclass(frozen=True)
+class GpuType:
+    """GPUs that are the same to the planner: model, memory, price and MIG mode (and fixed layout, if any)."""
+
+    key: int
+    model: str
+    memory_mib: int
+    price_per_hour: float
+    mig_table: str | None
+    fixed_layout: tuple[Placement, ...] | None
+    gpus: tuple[FleetGpu, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.gpus)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A maximal set of MIG instances on one GPU, and how many instances of each profile it holds."""
+
+    placements: tuple[Placement, ...]
+
+    @property
+    def profile_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for profile, _ in self.placements:
+            counts[profile] += 1
+        return dict(counts)
+
+
+@dataclass
+class Problem:
+    models: list[ServedModel]
+    types: list[GpuType]
+    options: PlannerOptions
+    # (model, type) -> requests/s of one replica on a whole GPU of the type; absent when it cannot run there
+    rate: dict[tuple[int, int], float]
+    # (model, type, profile) -> requests/s of one replica on one slice
+    slice_rate: dict[tuple[int, int, str], float]
+    patterns: dict[int, list[tuple[int, ...]]]  # shared (non-MIG) type -> sets of model indices one GPU may hold
+    # Too many models share a GPU type for the patterns to be listed: the solvers fall back to first-fit decreasing.
+    too_many_patterns: bool
+    layouts: dict[int, list[Layout]]  # MIG type -> layouts a GPU of it may take
+    apart: set[tuple[int, int]]  # model pairs that must not share a GPU
+
+    def memory(self, m: int) -> int:
+        return self.models[m].spec.memory_mib
+
+
+def group_types(fleet: Sequence[FleetGpu]) -> list[GpuType]:
+    groups: dict[tuple, list[FleetGpu]] = defaultdict(list)
+    for gpu in fleet:
+        groups[(gpu.model, gpu.memory_mib, gpu.price_per_hour, gpu.mig_table, gpu.mig_layout)].append(gpu)
+    types = []
+    for key, ((model, memory, price, table, layout), gpus) in enumerate(
+        sorted(groups.items(), key=lambda kv: kv[0][:3])
+    ):
+        types.append(GpuType(key, model, memory, price, table, layout, tuple(sorted(gpus, key=_gpu_order))))
+    return types
+
+
+def _gpu_order(gpu: FleetGpu) -> tuple[str, int]:
+    return gpu.node, gpu.index
+
+
+@cache
+def maximal_layouts(table_name: str) -> tuple[Layout, ...]:
+    """Every way to fill a GPU with MIG instances so that no further instance fits, one per profile mix."""
+    table = MIG_TABLES[table_name]
+    options = [(p, s) for p in table.profiles for s in p.starts]
+    found: dict[tuple[tuple[str, int], ...], Layout] = {}
+
+    def extend(first: int, occupied: int, chosen: list[Placement]) -> None:
+        extended = False
+        for i in range(first, len(options)):
+            profile, start = options[i]
+            if profile.mask_at(start) & occupied:
+                continue
+            extended = True
+            chosen.append((profile.name, start))
+            extend(i + 1, occupied | profile.mask_at(start), chosen)
+            chosen.pop()
+        if not extended and all(
+            profile.mask_at(start) & occupied for profile, start in options
+        ):  # maximal: nothing else fits anywhere
+            counts = tuple(sorted(Layout(tuple(chosen)).profile_counts.items()))
+            found.setdefault(counts, Layout(tuple(sorted(chosen, key=lambda p: p[1]))))
+
+    extend(0, 0, [])
+    return tuple(found.values())
+
+
+def correlated_pairs(histories: Sequence[np.ndarray], threshold: float) -> set[tuple[int, int]]:
+    """Pairs of models whose request rates rise and fall together (Pearson correlation above `threshold` over
+    their common recent history): their peaks would meet on a shared GPU."""
+    pairs: set[tuple[int, int]] = set()
+    for a in range(len(histories)):
+        for b in range(a + 1, len(histories)):
+            n = min(len(histories[a]), len(histories[b]))
+            if n < 3:
+                continue
+            x, y = histories[a][-n:], histories[b][-n:]
+            if np.std(x) == 0 or np.std(y) == 0:
+                continue
+            if float(np.corrcoef(x, y)[0, 1]) > threshold:
+                pairs.add((a, b))
+    return pairs
+
+
+def _shareable(problem_models: list[ServedModel], apart: set[tuple[int, int]], chosen: tuple[int, ...], m: int) -> bool:
+    if any(problem_models[c].interactive != problem_models[m].interactive for c in chosen):
+        return False
+    return not any((min(c, m), max(c, m)) in apart for c in chosen)
+
+
+class _TooManyPatterns(Exception):
+    pass
+
+
+def _patterns(problem: Problem, t: GpuType) -> list[tuple[int, ...]]:
+    """Sets of distinct models whose replicas fit one GPU together (one replica of a model per GPU: a second
+    replica of the same model on the same GPU adds no compute, only memory)."""
+    eligible = [m for m in range(len(problem.models)) if (m, t.key) in problem.rate]
+    limit = problem.options.max_replicas_per_gpu
+    out: list[tuple[int, ...]] = []
+
+    def extend(start: int, chosen: tuple[int, ...], memory: int) -> None:
+        if chosen:
+            out.append(chosen)
+            if len(out) > MAX_PATTERNS_PER_TYPE:
+                raise _TooManyPatterns
+        if len(chosen) == limit:
+            return
+        for i in range(start, len(eligible)):
+            m = eligible[i]
+            if memory + problem.memory(m) <= t.memory_mib and _shareable(problem.models, problem.apart, chosen, m):
+                extend(i + 1, (*chosen, m), memory + problem.memory(m))
+
+    extend(0, (), 0)
+    return out
+
+
+def build_problem(
+    models: Sequence[ServedModel], fleet: Sequence[FleetGpu], options: PlannerOptions, histories: Sequence[np.ndarray]
+) -> Problem:
+    """Group the fleet, read each model's rate on each GPU type and slice, and enumerate patterns and layouts.
+
+    Raises `PlanError` naming every model that fits no GPU or slice of the fleet."""
+    types = group_types(fleet)
+    rate: dict[tuple[int, int], float] = {}
+    slice_rate: dict[tuple[int, int, str], float] = {}
+    for m, served in enumerate(models):
+        for t in types:
+            if t.mig_table is None:
+                r = served.spec.requests_per_second(t.model)
+                if r is not None and served.spec.memory_mib <= t.memory_mib:
+                    rate[(m, t.key)] = r
+                continue
+            per_slice_mib = t.memory_mib / 8
+            for profile in MIG_TABLES[t.mig_table].profiles:
+                r = served.spec.requests_per_second(t.model, profile.name)
+                if r is not None and served.spec.memory_mib <= profile.memory_slices * per_slice_mib:
+                    slice_rate[(m, t.key, profile.name)] = r
+    homeless = [
+        f"{s.name} ({s.spec.memory_mib} MiB)"
+        for m, s in enumerate(models)
+        if not any(k[0] == m for k in rate) and not any(k[0] == m for k in slice_rate)
+    ]
+    if homeless:
+        kinds = sorted({t.model for t in types})
+        raise PlanError(f"no GPU or MIG slice of the fleet ({', '.join(kinds)}) can serve: {', '.join(homeless)}")
+    apart = correlated_pairs(histories, options.correlation_threshold) if histories else set()
+    problem = Problem(
+        list(models), types, options, rate, slice_rate, patterns={}, too_many_patterns=False, layouts={}, apart=apart
+    )
+    for t in types:
+        if t.mig_table is None:
+            try:
+                problem.patterns[t.key] = _patterns(problem, t)
+            except _TooManyPatterns:
+                problem.too_many_patterns = True
+                problem.patterns[t.key] = []
+        elif t.fixed_layout is not None:
+            problem.layouts[t.key] = [Layout(t.fixed_layout)]
+        else:
+            problem.layouts[t.key] = list(maximal_layouts(t.mig_table))
+    return problem
+
+
+def demand_units(requests_per_second: float) -> int:
+    """Demand in the solvers' integer unit: thousandths of a GPU times hundredths of a request per second."""
+    return math.ceil(requests_per_second * 100_000 - 1e-6)
+
+
+def rate_units(requests_per_second: float) -> int:
+    """Requests/s one thousandth of a GPU's (or slice's) compute carries, in hundredths."""
+    return max(1, round(requests_per_second * 100))

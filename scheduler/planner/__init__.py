@@ -1,0 +1,1 @@
+"""The co-location planner's inputs: what each served model asks of the fleet."""
