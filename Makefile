@@ -4,7 +4,7 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench fuzz
+.PHONY: setup demo test lint bench
 
 setup:
 	@VENV=$(VENV) bash e2e/setup.sh
