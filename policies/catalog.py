@@ -17,12 +17,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from policies.documents import StrictModel, read_text, yaml_mapping
 from policies.mig import MIG_TABLES, find_profile, mig_table_for
 
-API_VERSION = "gpu-extender.io/v1alpha1"
 MIB = 1 << 20
 
 # Memory of whole GPUs as their datasheets state it, in decimal GB. A name matches a GPU model by its parts
@@ -88,12 +87,7 @@ class CatalogError(ValueError):
     """A catalog document that cannot be used; the message names every bad field and the model it belongs to."""
 
 
-class _Strict(BaseModel):
-    # A typo in the catalog must be an error, not a silently ignored key.
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
-
-
-class Throughput(_Strict):
+class Throughput(StrictModel):
     """Requests per second one replica sustains on a GPU type (or MIG slice), within the model's latency SLO,
     for the model's typical request. `source` cites the measurement, or gives the formula as `derived: ...`."""
 
@@ -121,7 +115,7 @@ class Throughput(_Strict):
         return self
 
 
-class ModelSpec(_Strict):
+class ModelSpec(StrictModel):
     """One served model: its architecture (from its `config.json`), the memory a replica reserves, and what a
     replica serves on each GPU type it is listed for."""
 
@@ -222,7 +216,7 @@ class ModelSpec(_Strict):
         return whole.requests_per_second * share
 
 
-class ModelCatalog(_Strict):
+class ModelCatalog(StrictModel):
     """The served models, each found by its name or an alias (vLLM's `model_name` label)."""
 
     api_version: Literal["gpu-extender.io/v1alpha1"] = Field(alias="apiVersion")
@@ -280,13 +274,7 @@ def _describe(error: ValidationError, document: dict[str, Any]) -> str:
 
 
 def parse_catalog(text: str, origin: str = "<catalog>") -> ModelCatalog:
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise CatalogError(f"{origin}: not valid YAML: {exc}") from exc
-    if not isinstance(document, dict):
-        got = "an empty document" if document is None else type(document).__name__
-        raise CatalogError(f"{origin}: expected a ModelCatalog mapping at the top level, got {got}")
+    document = yaml_mapping(text, origin, CatalogError, what="a ModelCatalog mapping")
     try:
         return ModelCatalog.model_validate(document)
     except ValidationError as exc:
@@ -294,12 +282,7 @@ def parse_catalog(text: str, origin: str = "<catalog>") -> ModelCatalog:
 
 
 def load_catalog(path: str | Path) -> ModelCatalog:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise CatalogError(f"{path}: cannot read: {exc.strerror}") from exc
-    return parse_catalog(text, str(path))
+    return parse_catalog(read_text(path, CatalogError), str(path))
 
 
 @cache

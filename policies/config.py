@@ -5,20 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from policies.demand import Demand
-
-API_VERSION = "gpu-extender.io/v1alpha1"
-
-
-class _Strict(BaseModel):
-    # A typo in a policy file must be an error, not a silently ignored key.
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+from policies.documents import API_VERSION, StrictModel, read_text, yaml_mapping
 
 
-class Weights(_Strict):
+class Weights(StrictModel):
     """How much each score counts. Units: GPUs of capacity (fragmentation, best fit) or points (the rest)."""
 
     fragmentation: float = Field(1.0, ge=0)
@@ -31,7 +24,7 @@ class Weights(_Strict):
     small_nodes: float = Field(0.001, ge=0, alias="smallNodes")
 
 
-class ShapeSpec(_Strict):
+class ShapeSpec(StrictModel):
     """A pod shape that is expected to arrive, for fragmentation before the cluster has taught us its mix."""
 
     cpu_milli: int = Field(0, ge=0, alias="cpuMilli")
@@ -71,14 +64,14 @@ def _default_shapes() -> list[ShapeSpec]:
     ]
 
 
-class TypicalShapesSpec(_Strict):
+class TypicalShapesSpec(StrictModel):
     coverage: float = Field(0.95, gt=0, le=1)
     learn_from_cluster: bool = Field(True, alias="learnFromCluster")
     min_observed_pods: int = Field(50, ge=1, alias="minObservedPods")
     default: list[ShapeSpec] = Field(default_factory=_default_shapes, min_length=1)
 
 
-class ExtenderScoring(_Strict):
+class ExtenderScoring(StrictModel):
     """How raw scores become the 0..10 integers kube-scheduler accepts.
 
     `assumeBest`: prioritize (or filter, with a shortlist of one) holds the placement on the best node until bind,
@@ -97,7 +90,7 @@ class ExtenderScoring(_Strict):
     shortlist: int = Field(0, ge=0)
 
 
-class FragmentationScoring(_Strict):
+class FragmentationScoring(StrictModel):
     """`steps`: FGD's integer steps, so near-equal placements tie and packing decides; `exact`: the raw change.
 
     `cpuStranding`: how much the GPU capacity a placement leaves its node's CPU unable to feed (at the typical GPU
@@ -107,7 +100,7 @@ class FragmentationScoring(_Strict):
     cpu_stranding: float = Field(1.0, ge=0, alias="cpuStranding")
 
 
-class Reservations(_Strict):
+class Reservations(StrictModel):
     """How long capacity is held for a pod the watch has not yet shown bound: after bind (`ttlSeconds`), and
     between the decision (prioritize, or a filter that shortlists one node) and bind (`assumedTtlSeconds`, when the
     scheduler never binds the pod)."""
@@ -116,7 +109,7 @@ class Reservations(_Strict):
     assumed_ttl_seconds: float = Field(30.0, gt=0, alias="assumedTtlSeconds")
 
 
-class Overcommit(_Strict):
+class Overcommit(StrictModel):
     """Let batch pods asking for a GPU share run on GPUs that are fully allocated but measurably idle.
 
     A GPU lends capacity only with fresh telemetry, no guarded tenant (an exclusive or interactive pod), enough
@@ -137,7 +130,7 @@ class Overcommit(_Strict):
     prefer: Literal["borrow", "allocation"] = "borrow"
 
 
-class PlacementPolicy(_Strict):
+class PlacementPolicy(StrictModel):
     api_version: Literal["gpu-extender.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
     kind: Literal["PlacementPolicy"] = "PlacementPolicy"
     weights: Weights = Field(default_factory=Weights)
@@ -163,14 +156,7 @@ def _describe(error: ValidationError) -> str:
 
 
 def parse_policy(text: str, source: str = "<policy>") -> PlacementPolicy:
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{source}: not valid YAML: {exc}") from exc
-    if document is None:
-        document = {}
-    if not isinstance(document, dict):
-        raise PolicyError(f"{source}: expected a mapping at the top level, got {type(document).__name__}")
+    document = yaml_mapping(text, source, PolicyError, empty={})
     try:
         return PlacementPolicy.model_validate(document)
     except ValidationError as exc:
@@ -178,9 +164,4 @@ def parse_policy(text: str, source: str = "<policy>") -> PlacementPolicy:
 
 
 def load_policy(path: str | Path) -> PlacementPolicy:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read: {exc.strerror}") from exc
-    return parse_policy(text, str(path))
+    return parse_policy(read_text(path, PolicyError), str(path))

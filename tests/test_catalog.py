@@ -9,7 +9,6 @@ import yaml
 from pydantic import ValidationError
 
 from policies.catalog import (
-    API_VERSION,
     CatalogError,
     ModelCatalog,
     default_catalog,
@@ -18,6 +17,7 @@ from policies.catalog import (
     load_catalog,
     parse_catalog,
 )
+from policies.documents import API_VERSION
 from policies.mig import MIG_TABLES, mig_table_for
 
 REPO = Path(__file__).resolve().parents[1]
