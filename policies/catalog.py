@@ -12,6 +12,7 @@ Memory follows a model's `config.json`: weights = parameters × bytes per parame
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -54,9 +55,11 @@ def gpu_matches(gpu: str, gpu_model: str) -> bool:
     return bool(parts) and parts <= _parts(gpu_model)
 
 
-def _specificity(gpu: str) -> tuple[int, int]:
-    # "A100-80GB" (two parts) says more than "A100" (one): the more specific entry wins.
-    return len(_parts(gpu)), len(gpu)
+def most_specific_match(names: Iterable[str], gpu_model: str) -> str | None:
+    """The name among `names` that names `gpu_model` most specifically ("A100-80GB", two parts, says more than
+    "A100"), or None when none names it: how a table keyed by GPU names is looked up."""
+    matching = [name for name in names if gpu_matches(name, gpu_model)]
+    return max(matching, key=lambda name: (len(_parts(name)), len(name))) if matching else None
 
 
 def _profile_gb(profile: str) -> int | None:
@@ -77,10 +80,8 @@ def gpu_memory_mib(gpu_model: str, mig_profile: str | None = None) -> int | None
     if mig_profile is not None:
         gb = _profile_gb(mig_profile)
         return None if gb is None else _gb_to_mib(gb)
-    known = [name for name in GPU_MEMORY_GB if gpu_matches(name, gpu_model)]
-    if not known:
-        return None
-    return _gb_to_mib(GPU_MEMORY_GB[max(known, key=_specificity)])
+    known = most_specific_match(GPU_MEMORY_GB, gpu_model)
+    return None if known is None else _gb_to_mib(GPU_MEMORY_GB[known])
 
 
 class CatalogError(ValueError):
@@ -183,8 +184,10 @@ class ModelSpec(StrictModel):
         return self.weights_mib + self.kv_reserve_mib + self.overhead_mib
 
     def _best(self, gpu_model: str, mig_profile: str | None) -> Throughput | None:
-        matching = [t for t in self.throughput if t.mig_profile == mig_profile and gpu_matches(t.gpu, gpu_model)]
-        return max(matching, key=lambda t: _specificity(t.gpu)) if matching else None
+        # GPU names are unique per profile (validated), so the most specific name finds one entry.
+        entries = {t.gpu: t for t in self.throughput if t.mig_profile == mig_profile}
+        best = most_specific_match(entries, gpu_model)
+        return None if best is None else entries[best]
 
     def requests_per_second(self, gpu_model: str, mig_profile: str | None = None) -> float | None:
         """Requests per second one replica sustains on `gpu_model` (a whole GPU, or its `mig_profile` slice).

@@ -4,10 +4,9 @@ so a plan is made on the same nodes `gpu-extender serve --fleet` or a live clust
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 
-from policies.catalog import gpu_matches, gpu_memory_mib
+from policies.catalog import gpu_memory_mib, most_specific_match
 from policies.colocation.types import FleetGpu
 from policies.inventory import GpuDevice, NodeInventory
 from policies.mig import mig_table_for
@@ -35,17 +34,10 @@ def parse_prices(text: str) -> dict[str, float]:
     return prices
 
 
-def _specificity(name: str) -> tuple[int, int]:
-    # "A100-80GB" says more than "A100": the more specific price wins where both name a GPU.
-    return len([part for part in re.split(r"[^a-z0-9]+", name.lower()) if part]), len(name)
-
-
 def price_of(gpu_model: str, prices: Mapping[str, float]) -> float:
-    """The price of the most specific entry whose parts all name `gpu_model` (`gpu_matches`: "L4" is not "L40S")."""
-    matching = [name for name in prices if gpu_matches(name, gpu_model)]
-    if not matching:
-        return DEFAULT_PRICE_PER_HOUR
-    return prices[max(matching, key=_specificity)]
+    """The price of the most specific entry whose parts all name `gpu_model` ("L4" is not "L40S")."""
+    name = most_specific_match(prices, gpu_model)
+    return DEFAULT_PRICE_PER_HOUR if name is None else prices[name]
 
 
 def fleet_gpu(node: str, device: GpuDevice, prices: Mapping[str, float], allow_mig: bool = False) -> FleetGpu:
