@@ -119,19 +119,7 @@ def _place_shared(
             gpu = picker.take(names, on_node)
             on_node[gpu.node] |= names
             for m, fraction in zip(pattern, fractions, strict=True):
-                load = loads[m][i]
-                out.append(
-                    PlannedReplica(
-                        model=problem.models[m].name,
-                        node=gpu.node,
-                        gpu=gpu.index,
-                        gpu_model=gpu.model,
-                        memory_mib=problem.memory(m),
-                        memory_fraction=fraction,
-                        load_milli=load,
-                        requests_per_second=load / 1000 * problem.rate[(m, t.key)],
-                    )
-                )
+                out.append(_replica(problem, m, gpu, fraction, loads[m][i], problem.rate[(m, t.key)]))
 
 
 def _largest_first(item: tuple[Pattern, int]) -> tuple[int, Pattern]:
@@ -165,20 +153,33 @@ def _place_mig(
             at = next((j for j, (g, _) in enumerate(slots) if name not in on_node[g.node]), 0)
             gpu, start = slots.pop(at)
             on_node[gpu.node].add(name)
-            out.append(
-                PlannedReplica(
-                    model=name,
-                    node=gpu.node,
-                    gpu=gpu.index,
-                    gpu_model=gpu.model,
-                    memory_mib=problem.memory(m),
-                    memory_fraction=VLLM_MEMORY_UTILIZATION,
-                    load_milli=loads[i],
-                    requests_per_second=loads[i] / 1000 * problem.slice_rate[(m, key, profile)],
-                    mig_profile=profile,
-                    mig_start=start,
-                )
-            )
+            rate = problem.slice_rate[(m, key, profile)]
+            out.append(_replica(problem, m, gpu, VLLM_MEMORY_UTILIZATION, loads[i], rate, profile, start))
+
+
+def _replica(
+    problem: Problem,
+    m: int,
+    gpu: FleetGpu,
+    memory_fraction: float,
+    load_milli: int,
+    rate: float,
+    mig_profile: str | None = None,
+    mig_start: int | None = None,
+) -> PlannedReplica:
+    """Model `m` on `gpu` (or its slice), carrying `load_milli` of the compute where one replica serves `rate`."""
+    return PlannedReplica(
+        model=problem.models[m].name,
+        node=gpu.node,
+        gpu=gpu.index,
+        gpu_model=gpu.model,
+        memory_mib=problem.memory(m),
+        memory_fraction=memory_fraction,
+        load_milli=load_milli,
+        requests_per_second=load_milli / 1000 * rate,
+        mig_profile=mig_profile,
+        mig_start=mig_start,
+    )
 
 
 def _min_headroom(replicas: Sequence[PlannedReplica]) -> float:
