@@ -12,7 +12,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import numpy as np
 
@@ -63,14 +63,21 @@ class Problem:
     rate: dict[tuple[int, int], float]
     # (model, type, profile) -> requests/s of one replica on one slice
     slice_rate: dict[tuple[int, int, str], float]
-    patterns: dict[int, list[tuple[int, ...]]]  # shared (non-MIG) type -> sets of model indices one GPU may hold
-    # Too many models share a GPU type for the patterns to be listed: the solvers fall back to first-fit decreasing.
-    too_many_patterns: bool
     layouts: dict[int, list[Layout]]  # MIG type -> layouts a GPU of it may take
     apart: set[tuple[int, int]]  # model pairs that must not share a GPU
 
     def memory(self, m: int) -> int:
         return self.models[m].spec.memory_mib
+
+    @cached_property
+    def patterns(self) -> dict[int, list[tuple[int, ...]]] | None:
+        """Shared (non-MIG) type -> the sets of model indices one GPU of it may hold; None when a type has too
+        many to list (the planner then falls back to first-fit decreasing). Listed only when the solver asks:
+        the baselines and first-fit decreasing do without."""
+        try:
+            return {t.key: _patterns(self, t) for t in self.types if t.mig_table is None}
+        except _TooManyPatterns:
+            return None
 
 
 def group_types(fleet: Sequence[FleetGpu]) -> list[GpuType]:
@@ -169,7 +176,7 @@ def _patterns(problem: Problem, t: GpuType) -> list[tuple[int, ...]]:
 def build_problem(
     models: Sequence[ServedModel], fleet: Sequence[FleetGpu], options: PlannerOptions, histories: Sequence[np.ndarray]
 ) -> Problem:
-    """Group the fleet, read each model's rate on each GPU type and slice, and enumerate patterns and layouts.
+    """Group the fleet, read each model's rate on each GPU type and slice, and list the MIG layouts.
 
     Raises `PlanError` naming every model that fits no GPU or slice of the fleet."""
     types = group_types(fleet)
@@ -196,21 +203,12 @@ def build_problem(
         kinds = sorted({t.model for t in types})
         raise PlanError(f"no GPU or MIG slice of the fleet ({', '.join(kinds)}) can serve: {', '.join(homeless)}")
     apart = correlated_pairs(histories, options.correlation_threshold) if histories else set()
-    problem = Problem(
-        list(models), types, options, rate, slice_rate, patterns={}, too_many_patterns=False, layouts={}, apart=apart
-    )
-    for t in types:
-        if t.mig_table is None:
-            try:
-                problem.patterns[t.key] = _patterns(problem, t)
-            except _TooManyPatterns:
-                problem.too_many_patterns = True
-                problem.patterns[t.key] = []
-        elif t.fixed_layout is not None:
-            problem.layouts[t.key] = [Layout(t.fixed_layout)]
-        else:
-            problem.layouts[t.key] = list(maximal_layouts(t.mig_table))
-    return problem
+    layouts = {
+        t.key: [Layout(t.fixed_layout)] if t.fixed_layout is not None else list(maximal_layouts(t.mig_table))
+        for t in types
+        if t.mig_table is not None
+    }
+    return Problem(list(models), types, options, rate, slice_rate, layouts, apart)
 
 
 def demand_units(requests_per_second: float) -> int:

@@ -53,9 +53,11 @@ class _Stage1:
     def _build(self) -> None:
         problem, model = self.problem, self.model
         usable = problem.options.usable_milli
+        patterns = problem.patterns
+        assert patterns is not None
         for t in problem.types:
             used = []
-            for pattern in problem.patterns.get(t.key, ()):
+            for pattern in patterns.get(t.key, ()):
                 n = model.NewIntVar(0, t.count, f"n_{t.key}_{pattern}")
                 self.n[(t.key, pattern)] = n
                 loads = []
@@ -234,7 +236,7 @@ def plan_colocation(
     problem = build_problem(models, fleet, options, histories)
     greedy, unplaced = first_fit_decreasing(problem)
     notes: list[str] = []
-    if problem.too_many_patterns:
+    if problem.patterns is None:
         if unplaced:
             raise PlanError(f"first-fit decreasing left demand unplaced: {_shortfall(unplaced)}")
         chosen, method, bound = greedy, "greedy", 0.0
