@@ -3,7 +3,7 @@ each one takes, at the least cost for the fleet (CP-SAT, with a first-fit-decrea
 
 from policies.colocation.baselines import one_replica_per_gpu
 from policies.colocation.greedy import first_fit_decreasing
-from policies.colocation.solver import plan_colocation
+from policies.colocation.solver import plan_colocation, solve
 from policies.colocation.types import (
     CurrentReplica,
     FleetGpu,
@@ -25,4 +25,5 @@ __all__ = [
     "first_fit_decreasing",
     "one_replica_per_gpu",
     "plan_colocation",
+    "solve",
 ]

@@ -230,10 +230,13 @@ def plan_colocation(
 
     `histories` (one request-rate series per model, same order) keep models that peak together apart. Raises
     `PlanError` when a model fits nowhere or the fleet cannot carry the demand."""
-    options = options or PlannerOptions()
+    return solve(build_problem(models, fleet, options or PlannerOptions(), histories), current)
+
+
+def solve(problem: Problem, current: Iterable[CurrentReplica] = ()) -> Plan:
+    """`plan_colocation` for a problem already built: callers that also measure baselines on it build it once."""
     started = time.monotonic()
     current = list(current)
-    problem = build_problem(models, fleet, options, histories)
     greedy, unplaced = first_fit_decreasing(problem)
     notes: list[str] = []
     if problem.patterns is None:

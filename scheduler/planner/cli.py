@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from policies.catalog import ModelCatalog, ModelSpec
     from policies.colocation import FleetGpu, Plan, PlannedReplica, PlannerOptions, ServedModel
+    from policies.colocation.problem import Problem
 
 from policies.inventory import MILLI_PER_GPU
 from scheduler.annotations import GPU_MEMORY_FRACTION
@@ -92,15 +93,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from policies.colocation import PlanError, plan_colocation
+    from policies.colocation import PlanError, solve
+    from policies.colocation.problem import build_problem
 
     catalog = _catalog(args.catalog)
     fleet = _fleet(args.fleet, args.prices, args.allow_mig)
     models, histories = _demand(args, catalog)
     try:
         options = _options(args)
-        plan = plan_colocation(models, fleet, options, (), histories)
-        baselines = _baselines(models, fleet, options, histories, plan)
+        problem = build_problem(models, fleet, options, histories)
+        plan = solve(problem)
+        baselines = _baselines(problem, plan)
     except PlanError as exc:
         raise _Refusal(str(exc)) from None
     report = plan_report(plan, baselines, models, fleet, options)
@@ -317,23 +320,15 @@ def _options(args: argparse.Namespace) -> PlannerOptions:
 # --- the report --------------------------------------------------------------------------------------------------
 
 
-def _baselines(
-    models: Sequence[ServedModel],
-    fleet: Sequence[FleetGpu],
-    options: PlannerOptions,
-    histories: Sequence[np.ndarray],
-    plan: Plan,
-) -> dict[str, dict[str, Any]]:
+def _baselines(problem: Problem, plan: Plan) -> dict[str, dict[str, Any]]:
     """What the fleet would use without the planner (one replica per GPU) and with its greedy hint alone, and
     what the plan saves against each."""
     from policies.colocation import first_fit_decreasing, one_replica_per_gpu
-    from policies.colocation.problem import build_problem
 
-    problem = build_problem(models, fleet, options, histories)
     gpus, cost = one_replica_per_gpu(problem)
     greedy, unplaced = first_fit_decreasing(problem)
     return {
-        "one_replica_per_gpu": {**_saving(gpus, cost, plan), "fits_fleet": gpus <= len(fleet)},
+        "one_replica_per_gpu": {**_saving(gpus, cost, plan), "fits_fleet": gpus <= sum(t.count for t in problem.types)},
         "first_fit_decreasing": {
             **_saving(greedy.gpus_used(), greedy.cost_per_hour(problem), plan),
             "complete": not unplaced,
