@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     from scheduler.telemetry import add_arguments as add_telemetry_arguments
 
     add_telemetry_arguments(serve)
+    from scheduler.planner.serve import add_arguments as add_planner_arguments
+
+    add_planner_arguments(serve)
     serve.set_defaults(func=_serve)
 
     simulate = sub.add_parser("simulate", help="replay a trace through the placement policies")

@@ -16,6 +16,7 @@ from extender.logs import configure
 from extender.metrics import ExtenderMetrics
 from policies.config import PlacementPolicy, PolicyError
 from scheduler.model import ClusterModel
+from scheduler.planner.serve import PlannerConfigError, planner_from_args
 from scheduler.policy_reload import PolicyReloader
 from scheduler.service import PlacementService
 from scheduler.telemetry import TelemetryStore, config_from_args
@@ -35,8 +36,9 @@ def fleet_service(path: str, policy: PlacementPolicy) -> PlacementService:
     return PlacementService(model, MemoryBinder(), confirm_on_bind=True)
 
 
-def live_service(kubeconfig: str | None, policy: PlacementPolicy) -> tuple[PlacementService, ClusterWatcher]:
-    """The production service: watches feed the model, bind writes to the API server."""
+def live_service(kubeconfig: str | None, policy: PlacementPolicy) -> tuple[PlacementService, ClusterWatcher, Any]:
+    """The production service: watches feed the model, bind writes to the API server. Also returns an API
+    client for the background loops that write objects (the planner's ConfigMap)."""
     from kubernetes import client, config
 
     from scheduler.binder import KubernetesBinder
@@ -52,7 +54,7 @@ def live_service(kubeconfig: str | None, policy: PlacementPolicy) -> tuple[Place
     watcher = ClusterWatcher(client.ApiClient(), model)
     watcher.start()
     binder = KubernetesBinder(client.ApiClient(client.Configuration.get_default_copy()))
-    return PlacementService(model, binder), watcher
+    return PlacementService(model, binder), watcher, client.ApiClient(client.Configuration.get_default_copy())
 
 
 def _housekeeping(model: ClusterModel, stop: threading.Event, interval: float = 5.0) -> None:
@@ -97,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
             log.error("cannot start with this policy", extra={"error": str(exc)})
             return 2
     watcher: ClusterWatcher | None = None
+    api_client: Any = None
     if args.fleet:
         try:
             service = fleet_service(args.fleet, policy)
@@ -104,8 +107,13 @@ def run(args: argparse.Namespace) -> int:
             log.error("cannot read the fleet file", extra={"path": args.fleet, "error": str(exc)})
             return 2
     else:
-        service, watcher = live_service(args.kubeconfig, policy)
+        service, watcher, api_client = live_service(args.kubeconfig, policy)
     metrics = ExtenderMetrics(service.model, watch_stats=watcher.stats if watcher else None)
+    try:
+        planner = planner_from_args(args, service.model, metrics.registry, api_client)
+    except PlannerConfigError as exc:
+        log.error("cannot start the planner", extra={"error": str(exc)})
+        return 2
     telemetry_config = config_from_args(args)
     telemetry = None
     if telemetry_config is not None:
@@ -121,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         reloader.start(apply=service.model.set_policy, report=report)
     stop = threading.Event()
     threading.Thread(target=_housekeeping, args=(service.model, stop), daemon=True, name="housekeeping").start()
+    if planner is not None:
+        planner.start()
     app = create_app(service, metrics)
     # Everything built so far lives as long as the process: keep the collector from rescanning it on every pass.
     gc.collect()
@@ -158,4 +168,6 @@ def run(args: argparse.Namespace) -> int:
             watcher.stop()
         if telemetry is not None:
             telemetry.stop()
+        if planner is not None:
+            planner.stop()
     return 0

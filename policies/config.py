@@ -22,6 +22,9 @@ class Weights(StrictModel):
     memory_headroom: float = Field(0.0, ge=0, alias="memoryHeadroom")  # measured free GPU memory (needs telemetry)
     # Below packing's step too: among placements equal in every other score, the node with fewer GPUs.
     small_nodes: float = Field(0.001, ge=0, alias="smallNodes")
+    # Above every other score: a serving replica goes to an open slot of its model's co-location plan if one
+    # fits (feasibility still decides); without a plan, or for other pods, it adds nothing.
+    plan: float = Field(10.0, ge=0)
 
 
 class ShapeSpec(StrictModel):

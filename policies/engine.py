@@ -16,6 +16,7 @@ from policies.demand import Demand, DemandKind
 from policies.feasibility import FITS, Reason, borrowable_gpus, feasibility, lender_busy, may_borrow, usable_gpus
 from policies.fragmentation import TypicalShapes
 from policies.inventory import MILLI_PER_GPU, Assignment, MigPlacement
+from policies.plan_targets import PlanTargets
 from policies.scoring import FRAGMENTATION_SCORERS, SCORERS, Candidates
 from policies.state import ClusterSnapshot
 
@@ -91,10 +92,11 @@ def evaluate(
     shapes: TypicalShapes,
     score: bool = True,
     components: bool = False,
+    plan: PlanTargets | None = None,
 ) -> Evaluation:
     """Feasibility of `rows` for `demand` and, with `score`, each feasible row's best placement and its score.
     With `components`, also each scorer's part of that score (what `explain` shows; the hot path has no use for
-    them)."""
+    them). `plan`: the co-location plan's slots, which serving pods are drawn to."""
     reasons = feasibility(snapshot, rows, demand)
     n = len(rows)
     scores = np.full(n, -np.inf)
@@ -105,7 +107,7 @@ def evaluate(
     fits = reasons == FITS
     ok = np.flatnonzero(fits if borrowed is None else fits & ~borrowed)
     if score and len(ok):
-        candidates = Candidates(snapshot, rows[ok], demand, shapes)
+        candidates = Candidates(snapshot, rows[ok], demand, shapes, plan)
         total = np.zeros(candidates.valid.shape)
         values: dict[str, np.ndarray] = {}
         how = policy.fragmentation_scoring
@@ -213,8 +215,11 @@ def extender_scores(evaluation: Evaluation, mode: str = "rank") -> np.ndarray:
     return out
 
 
-def assign(snapshot: ClusterSnapshot, demand: Demand, evaluation: Evaluation, index: int) -> Assignment:
-    """The concrete resources for the placement at `index` of an evaluation (which must be feasible)."""
+def assign(
+    snapshot: ClusterSnapshot, demand: Demand, evaluation: Evaluation, index: int, plan: PlanTargets | None = None
+) -> Assignment:
+    """The concrete resources for the placement at `index` of an evaluation (which must be feasible). Whole GPUs
+    go to the model's planned GPUs on the node first (`plan`); shares and MIG slices were scored per GPU."""
     if evaluation.reasons[index] != FITS:
         raise ValueError("cannot assign an infeasible placement")
     row = int(evaluation.rows[index])
@@ -225,6 +230,7 @@ def assign(snapshot: ClusterSnapshot, demand: Demand, evaluation: Evaluation, in
         "memory_mib": demand.memory_mib,
         "guarded": demand.guards_gpu,
         "expected_busy": demand.busy_estimate,
+        "model": demand.model_name,
     }
     kind = demand.kind
     if kind is DemandKind.NONE:
@@ -244,20 +250,28 @@ def assign(snapshot: ClusterSnapshot, demand: Demand, evaluation: Evaluation, in
             **common, gpus=(column,), milli=demand.gpu_milli, gpu_memory_mib=demand.gpu_memory_mib, borrowed=borrowed
         )
     usable = np.flatnonzero(usable_gpus(snapshot, np.array([row]), demand)[0])
+    if plan is not None and demand.model_name in plan.counts:  # the model's planned GPUs first
+        wanted = plan.open_slots(snapshot, np.array([row]), demand.model_name)[0, usable]
+        usable = usable[np.argsort(-wanted, kind="stable")]
     gpus = tuple(int(g) for g in usable[: demand.gpu_count])
     return Assignment(**common, gpus=gpus, milli=MILLI_PER_GPU, gpu_memory_mib=demand.gpu_memory_mib)
 
 
 def place_on_node(
-    snapshot: ClusterSnapshot, demand: Demand, node: str, policy: PlacementPolicy, shapes: TypicalShapes
+    snapshot: ClusterSnapshot,
+    demand: Demand,
+    node: str,
+    policy: PlacementPolicy,
+    shapes: TypicalShapes,
+    plan: PlanTargets | None = None,
 ) -> tuple[Assignment | None, Reason]:
     """The concrete resources `demand` would get on one given node (the scheduler already chose it), or None and
     why it does not fit. Raises KeyError for a node the snapshot does not know."""
     rows, unknown = snapshot.rows([node])
     if unknown:
         raise KeyError(node)
-    evaluation = evaluate(snapshot, demand, rows, policy, shapes)
+    evaluation = evaluate(snapshot, demand, rows, policy, shapes, plan=plan)
     reason = Reason(int(evaluation.reasons[0]))
     if reason != Reason.FITS:
         return None, reason
-    return assign(snapshot, demand, evaluation, 0), reason
+    return assign(snapshot, demand, evaluation, 0, plan), reason

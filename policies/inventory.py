@@ -63,7 +63,9 @@ class Assignment:
     `borrowed`: the share runs on measured idle capacity of a GPU whose allocation was full (overcommit), so it
     does not count against the GPU's allocatable share. `guarded`: the pod's latency class forbids others from
     borrowing on its GPUs. `expected_busy`: the busy fraction the pod is expected to add to each of its GPUs
-    (`Demand.busy_estimate`); what it declares, not what it holds, so it takes no part in equality.
+    (`Demand.busy_estimate`); what it declares, not what it holds, so it takes no part in equality. `model`: the
+    served model (`gpu-extender.io/model`) a serving replica runs, so a plan can tell its slots filled; a label,
+    not a resource, so it takes no part in equality either.
     """
 
     node: str
@@ -76,6 +78,7 @@ class Assignment:
     borrowed: bool = False
     guarded: bool = False
     expected_busy: float = field(default=0.0, compare=False)
+    model: str | None = field(default=None, compare=False)
 
     @property
     def gpu_milli_total(self) -> int:

@@ -27,6 +27,7 @@ from policies.fragmentation import (
 )
 from policies.inventory import MILLI_PER_GPU
 from policies.mig import MIG_TABLES, placement_loss
+from policies.plan_targets import PlanTargets
 from policies.state import MIG_TABLE_NAMES, ClusterSnapshot
 
 
@@ -38,6 +39,7 @@ class Candidates:
     rows: np.ndarray
     demand: Demand
     shapes: TypicalShapes
+    plan: PlanTargets | None = None
 
     @cached_property
     def per_gpu(self) -> bool:
@@ -187,6 +189,18 @@ def small_node_score(c: Candidates) -> np.ndarray:
     return (1.0 - c.snapshot.node_gpus[c.rows] / width)[:, None]
 
 
+def plan_score(c: Candidates) -> np.ndarray:
+    """1 on a GPU where the co-location plan wants another replica of the pod's model, else 0 (a node holding
+    such a GPU, for a pod that takes whole GPUs). Pods without a model, or of a model the plan does not place,
+    score 0 everywhere: the other scorers decide for them."""
+    if c.plan is None or c.demand.model_name not in c.plan.counts:
+        return np.zeros((len(c.rows), 1))
+    wanted = c.plan.open_slots(c.snapshot, c.rows, c.demand.model_name) > 0
+    if c.per_gpu:
+        return wanted.astype(float)
+    return wanted.any(axis=1, keepdims=True).astype(float)
+
+
 FRAGMENTATION_SCORERS = {"steps": fragmentation_steps_score, "exact": fragmentation_score}
 
 SCORERS = {
@@ -197,4 +211,5 @@ SCORERS = {
     "utilization": utilization_score,
     "memory_headroom": memory_headroom_score,
     "small_nodes": small_node_score,
+    "plan": plan_score,
 }

@@ -59,6 +59,8 @@ class ClusterSnapshot:
     # GPUs whose MIG instances already exist (a static layout): (row, gpu) -> ((profile, start), ...). A pod can
     # only take one of these; GPUs not listed here are carved on demand.
     mig_layout: Mapping[tuple[int, int], tuple[tuple[str, int], ...]] = field(default_factory=dict)
+    # Serving replicas by (served model, row, GPU): which planned slots are filled (`policies.plan_targets`).
+    model_replicas: Mapping[tuple[str, int, int], int] = field(default_factory=dict)
     ready: bool = True
 
     @property
@@ -96,6 +98,8 @@ class ClusterState:
         self._max_gpus = max_gpus
         self._generation = 0
         self.assignments: dict[str, Assignment] = {}
+        self._model_replicas: dict[tuple[str, int, int], int] = {}
+        self._replicas_published = False  # a snapshot holds `_model_replicas`: copy it before the next change
         self._build(list(nodes))
 
     # -- construction ------------------------------------------------------------------------------------
@@ -154,6 +158,8 @@ class ClusterState:
         self.gpu_guarded = np.zeros((n, g), dtype=np.int16)
         self.gpu_declared_busy = np.zeros((n, g), dtype=np.float32)
         self.mig_occupied = np.zeros((n, g), dtype=np.uint8)
+        self._model_replicas = {}
+        self._replicas_published = False
         self._generation += 1
         self.row_version = np.full(n, self._generation, dtype=np.int64)
 
@@ -256,6 +262,22 @@ class ClusterState:
             profile = MIG_TABLES[MIG_TABLE_NAMES[self.mig_table[i, a.mig.gpu]]].profile(a.mig.profile)
             assert profile is not None
             self.mig_occupied[i, a.mig.gpu] ^= profile.mask_at(a.mig.start)
+        if a.model:
+            self._count_replica(a, i, -sign)
+
+    def _count_replica(self, a: Assignment, i: int, change: int) -> None:
+        """Keep the served-model count of each GPU the replica holds; published snapshots keep their copy."""
+        assert a.model is not None
+        if self._replicas_published:
+            self._model_replicas = dict(self._model_replicas)
+            self._replicas_published = False
+        for g in (a.mig.gpu,) if a.mig is not None else a.gpus:
+            key = (a.model, i, g)
+            count = self._model_replicas.get(key, 0) + change
+            if count:
+                self._model_replicas[key] = count
+            else:
+                self._model_replicas.pop(key, None)
 
     # -- publication -------------------------------------------------------------------------------------
     @property
@@ -305,4 +327,10 @@ class ClusterState:
             largest_node_cpu=self.largest_node_cpu,
             largest_node_gpu_milli=self.largest_node_gpu_milli,
             mig_layout=MappingProxyType(self._mig_layout),
+            model_replicas=self._replicas_for_snapshot(),
         )
+
+    def _replicas_for_snapshot(self) -> Mapping[tuple[str, int, int], int]:
+        """The model counts, read-only: the next change copies them first, so a snapshot's counts never move."""
+        self._replicas_published = True
+        return MappingProxyType(self._model_replicas)

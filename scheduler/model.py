@@ -22,6 +22,7 @@ from policies.demand import Demand, DemandKind, Shape
 from policies.engine import place_on_node
 from policies.fragmentation import TypicalShapes, typical_shapes_of
 from policies.inventory import Assignment, NodeInventory
+from policies.plan_targets import PlanTargets
 from policies.state import ClusterSnapshot, ClusterState, ConflictError
 
 __all__ = ["ClusterModel", "ConflictError", "ModelView", "Reservation"]
@@ -29,12 +30,13 @@ __all__ = ["ClusterModel", "ConflictError", "ModelView", "Reservation"]
 
 @dataclass(frozen=True)
 class ModelView:
-    """What one decision is made from, published as one object: a policy reload or a new shape mix can never
-    pair with a snapshot or with each other halfway through a decision."""
+    """What one decision is made from, published as one object: a policy reload, a new shape mix or a new
+    co-location plan can never pair with a snapshot or with each other halfway through a decision."""
 
     snapshot: ClusterSnapshot
     policy: PlacementPolicy
     shapes: TypicalShapes
+    plan: PlanTargets | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,11 @@ class ClusterModel:
     def set_policy(self, policy: PlacementPolicy) -> None:
         with self._lock:
             self._view = replace(self._view, policy=policy, shapes=self._compute_shapes(policy))
+
+    def set_plan(self, plan: PlanTargets | None) -> None:
+        """Publish the co-location plan's slots (None: no plan, serving pods placed like any other)."""
+        with self._lock:
+            self._view = replace(self._view, plan=plan)
 
     def replace_nodes(self, nodes: Iterable[NodeInventory]) -> list[str]:
         """Swap in a new node set; returns keys of pods whose assignments no longer fit (node gone or shrunk)."""
@@ -242,6 +249,8 @@ class ClusterModel:
         return [key for key, (a, d) in order if not self._apply_bound(key, a, d)]
 
     def _apply_bound(self, key: str, assignment: Assignment, demand: Demand) -> bool:
+        if demand.model_name and assignment.model is None:
+            assignment = replace(assignment, model=demand.model_name)  # the record of a bound pod has no label
         self._reservations.pop(key, None)
         self._observe(key, demand)
         current = self._state.assignments.get(key)
@@ -328,7 +337,7 @@ class ClusterModel:
         """Swap in a new snapshot if the state changed (every change bumps its generation)."""
         view = self._view
         if self._state.generation != view.snapshot.generation:
-            self._view = ModelView(self._state.snapshot(), view.policy, view.shapes)
+            self._view = ModelView(self._state.snapshot(), view.policy, view.shapes, view.plan)
 
 
 def _gpus_unplaced(assignment: Assignment, demand: Demand) -> bool:

@@ -24,6 +24,7 @@ from policies.engine import Evaluation, assign, evaluate, extender_scores, place
 from policies.feasibility import FITS, REASON_TEXT, Reason, is_resolvable, may_borrow
 from policies.fragmentation import TypicalShapes
 from policies.inventory import Assignment, NodeInventory
+from policies.plan_targets import PlanTargets
 from policies.reuse import EvaluationCache
 from policies.state import ClusterSnapshot, ClusterState, ConflictError
 from scheduler.annotations import assignment_annotations
@@ -52,7 +53,8 @@ class Binder(Protocol):
 
 @dataclass(frozen=True)
 class _Decision:
-    """One evaluation of a pod over requested names, with the view (snapshot, policy, shapes) it was computed from."""
+    """One evaluation of a pod over requested names, with the view (snapshot, policy, shapes, plan) it was computed
+    from."""
 
     view: ModelView
     demand: Demand
@@ -88,6 +90,7 @@ class _Cached:
     generation: int
     policy: PlacementPolicy
     shapes: TypicalShapes
+    plan: PlanTargets | None
     demand: Demand
     names: list[str]
     rows: np.ndarray  # the snapshot rows of `names`; empty when some name was unknown
@@ -96,8 +99,8 @@ class _Cached:
     planned_row: int = -1
 
     def still_valid(self, view: ModelView, demand: Demand, names: list[str]) -> bool:
-        """Scores depend on the policy, the typical shapes, the pod and the state of the scored rows only (ranks
-        are relative among them), so changes to other nodes since leave the answer exact."""
+        """Scores depend on the policy, the typical shapes, the plan, the pod and the state of the scored rows only
+        (ranks are relative among them), so changes to other nodes since leave the answer exact."""
         if not (self._same_inputs(view, demand) and self.names == names):
             return False
         snapshot = view.snapshot
@@ -109,7 +112,12 @@ class _Cached:
         return int(snapshot.row_version[rows].max()) <= self.generation
 
     def _same_inputs(self, view: ModelView, demand: Demand) -> bool:
-        return self.policy is view.policy and self.shapes is view.shapes and self.demand == demand
+        return (
+            self.policy is view.policy
+            and self.shapes is view.shapes
+            and self.plan is view.plan
+            and self.demand == demand
+        )
 
     def placement_on(self, node: str, view: ModelView, demand: Demand) -> Assignment | None:
         """The planned placement, if bind asks for its node and nothing it depends on has changed: the choice
@@ -204,7 +212,7 @@ class PlacementService:
         self.score_cache = ScoreCache()
         self._rows = RowLookup()
         self.evaluations = EvaluationCache()
-        self._reuse_basis: tuple[object, ...] = (None, None, None)
+        self._reuse_basis: tuple[object, ...] = (None, None, None, None)
 
     # -- read-only verbs ---------------------------------------------------------------------------------
     def demand(self, pod: Mapping[str, Any]) -> Demand:
@@ -248,23 +256,24 @@ class PlacementService:
     def _evaluation(
         self, view: ModelView, demand: Demand, rows: np.ndarray, score: bool, reuse: bool = True
     ) -> Evaluation:
-        snapshot, policy, shapes = view.snapshot, view.policy, view.shapes
+        snapshot, policy, shapes, plan = view.snapshot, view.policy, view.shapes, view.plan
         if not reuse:  # explain: afresh, with every scorer's part
-            return evaluate(snapshot, demand, rows, policy, shapes, score=score, components=True)
+            return evaluate(snapshot, demand, rows, policy, shapes, score=score, components=True, plan=plan)
         if may_borrow(demand, policy.overcommit):  # borrowed placements are ranked against each other
-            return evaluate(snapshot, demand, rows, policy, shapes, score=score)
+            return evaluate(snapshot, demand, rows, policy, shapes, score=score, plan=plan)
         return self._reusable(view).evaluate(
             demand,
             rows,
             snapshot.row_version,
             snapshot.generation,
-            lambda redo, scored: evaluate(snapshot, demand, redo, policy, shapes, score=scored),
+            lambda redo, scored: evaluate(snapshot, demand, redo, policy, shapes, score=scored, plan=plan),
             score,
         )
 
     def _reusable(self, view: ModelView) -> EvaluationCache:
-        """The per-row results for this node set, policy and typical shapes (started afresh when one changes)."""
-        basis = (view.snapshot.index, view.policy, view.shapes)
+        """The per-row results for this node set, policy, typical shapes and plan (started afresh when one
+        changes)."""
+        basis = (view.snapshot.index, view.policy, view.shapes, view.plan)
         if not all(a is b for a, b in zip(basis, self._reuse_basis, strict=True)):
             self.evaluations.reset(view.snapshot.size)
             self._reuse_basis = basis
@@ -317,9 +326,8 @@ class PlacementService:
         if len(outcome.passed) > 1:
             self._score(uid, decision.feasible_part(outcome.passed))
         elif outcome.shortlisted:
-            self._hold_best(
-                uid, decision.view.policy, assign(decision.view.snapshot, decision.demand, decision.evaluation, 0)
-            )
+            view = decision.view
+            self._hold_best(uid, view.policy, assign(view.snapshot, decision.demand, decision.evaluation, 0, view.plan))
 
     def prioritize(self, pod: Mapping[str, Any], names: list[str]) -> list[tuple[str, int]]:
         """Scores 0..10 for `names`: the answer computed ahead when nothing it depends on has changed since,
@@ -359,11 +367,12 @@ class PlacementService:
         answer = (*zip(decision.known, scores.tolist(), strict=True), *((name, 0) for name in decision.unknown))
         rows = evaluation.rows if not decision.unknown else np.empty(0, dtype=np.int64)
         best = evaluation.best()
-        planned = assign(view.snapshot, decision.demand, evaluation, best) if best is not None else None
+        planned = assign(view.snapshot, decision.demand, evaluation, best, view.plan) if best is not None else None
         entry = _Cached(
             view.snapshot.generation,
             view.policy,
             view.shapes,
+            view.plan,
             decision.demand,
             decision.names,
             rows,
@@ -399,7 +408,7 @@ class PlacementService:
             if evaluation.feasible[i]:
                 entry["raw"] = float(evaluation.scores[i])
                 entry["components"] = {k: float(v[i]) for k, v in evaluation.components.items()}
-                entry["placement"] = _describe(assign(view.snapshot, decision.demand, evaluation, i))
+                entry["placement"] = _describe(assign(view.snapshot, decision.demand, evaluation, i, view.plan))
             order[name] = (not entry["fits"], -entry.get("raw", 0.0), int(evaluation.rows[i]))
             out.append(entry)
         out.sort(key=lambda e: order[e["node"]])
@@ -457,7 +466,7 @@ class PlacementService:
             self.score_cache.planned_hits += 1
             return planned
         try:
-            assignment, reason = place_on_node(view.snapshot, demand, node, view.policy, view.shapes)
+            assignment, reason = place_on_node(view.snapshot, demand, node, view.policy, view.shapes, view.plan)
         except KeyError:
             raise BindError(f"{UNKNOWN_NODE}: {node}") from None
         if assignment is None:
