@@ -520,9 +520,14 @@ class Stack:
 
     @classmethod
     def start(
-        cls, plane: ControlPlane, api: Any, policy: Path = stack.SHIPPED_POLICY, name: str = "gpu-scheduler"
+        cls,
+        plane: ControlPlane,
+        api: Any,
+        policy: Path = stack.SHIPPED_POLICY,
+        name: str = "gpu-scheduler",
+        extender_args: Sequence[str] = (),
     ) -> Stack:
-        extender = Extender(plane, policy=policy)
+        extender = Extender(plane, policy=policy, extra_args=extender_args)
         extender.start()
         scheduler = plane.start_scheduler(stack.scheduler_config(extender.url), name=name)
         return cls(plane, api, extender, scheduler)

@@ -1,6 +1,7 @@
 """The co-location planner inside the extender: re-plan every interval, in the background, never per request.
 
-Each round reads the fleet and the serving replicas that run now from the cluster model, the demand per model
+Each round reads the fleet (the GPUs no other pod holds, on the nodes `node_selector` picks) and the serving
+replicas that run now from the cluster model, the demand per model
 (vLLM's series in Prometheus, or a demand file re-read every round), solves with the same planner `gpu-extender
 plan` uses, and publishes the plan three ways: its slots in the model view (serving pods score their model's open
 slots highest, `policies.scoring.plan_score`), a ConfigMap a person or a tool can read, and metrics. A round
@@ -14,14 +15,15 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter as Tally
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from policies.catalog import ModelCatalog
-from policies.colocation import CurrentReplica, Plan, PlanError, PlannerOptions, solve
+from policies.colocation import CurrentReplica, Plan, PlanError, PlannedReplica, PlannerOptions, solve
 from policies.colocation.baselines import one_replica_per_gpu
 from policies.colocation.problem import build_problem
 from policies.inventory import Assignment
@@ -34,6 +36,7 @@ from scheduler.planner.served import served_models
 log = logging.getLogger("gpu_extender.planner")
 
 # Each model's demand by the name it is served under, and replica floors a person set (by any name of a model).
+_Replica = TypeVar("_Replica", CurrentReplica, PlannedReplica)
 DemandSource = Callable[[], tuple[Mapping[str, ModelLoad], Mapping[str, int]]]
 PlanPublisher = Callable[[dict[str, Any]], None]
 
@@ -74,6 +77,7 @@ class PlannerLoop:
     prices: Mapping[str, float] = field(default_factory=dict)
     allow_mig: bool = False
     interval_s: float = 60.0
+    node_selector: Mapping[str, str] = field(default_factory=dict)  # plan only the nodes with all these labels
     publish: PlanPublisher | None = None
     metrics: PlannerMetrics | None = None
     last_plan: Plan | None = None
@@ -141,13 +145,16 @@ class PlannerLoop:
             log.warning("demand for models the catalog does not know is not planned", extra={"models": unknown})
         if not models:
             raise PlanError("no demand for any model of the catalog")
-        snapshot = self.model.snapshot()
-        fleet = fleet_gpus(snapshot.inventories, self.prices, self.allow_mig)
+        held = self.model.assignments().values()
+        nodes = [n for n in self.model.snapshot().inventories if _selected(n.labels, self.node_selector)]
+        taken = {_gpu_of(a) for a in held if a.model is None and (a.gpus or a.mig is not None)}
+        fleet = [g for g in fleet_gpus(nodes, self.prices, self.allow_mig) if (g.node, g.index) not in taken]
         problem = build_problem(models, fleet, self.options, histories)
-        current = current_replicas(self.model.assignments().values(), self.catalog)
-        plan = solve(problem, current)
+        current = current_replicas(held, self.catalog)
+        plan = solve(problem, [*current, *_not_yet_running(self.last_plan, current)])
         one_per_gpu, _ = one_replica_per_gpu(problem)
-        return plan, plan_document(plan, one_per_gpu, unknown)
+        moves = len(_unmatched(current, plan.replicas))  # running replicas the plan stops or moves
+        return plan, plan_document(plan, one_per_gpu, unknown, moves)
 
     def _observe(self, plan: Plan, report: dict[str, Any], running: Any) -> None:
         if self.metrics is None:
@@ -160,7 +167,7 @@ class PlannerLoop:
         m.gap.set(plan.gap)
         m.solve_seconds.set(plan.solve_seconds)
         m.cost.set(plan.cost_per_hour)
-        m.moves.set(plan.moves)
+        m.moves.set(report["moves"])
         m.replicas.clear()
         for model, count in report["replicas_per_model"].items():
             m.replicas.labels(model).set(count)
@@ -168,6 +175,10 @@ class PlannerLoop:
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.rounds.labels(outcome).inc()
+
+
+def _selected(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
 
 
 def _gpu_of(a: Assignment) -> tuple[str, int]:
@@ -186,7 +197,31 @@ def current_replicas(assignments: Any, catalog: ModelCatalog) -> list[CurrentRep
     return out
 
 
-def plan_document(plan: Plan, one_per_gpu: int, unknown: list[str]) -> dict[str, Any]:
+def _slot(r: CurrentReplica | PlannedReplica) -> tuple[str, str, int]:
+    return r.model, r.node, r.gpu
+
+
+def _unmatched(replicas: Sequence[_Replica], others: Sequence[CurrentReplica | PlannedReplica]) -> list[_Replica]:
+    """The replicas of `replicas` that no replica of `others` on the same slot matches, one for one."""
+    left = Tally(map(_slot, others))
+    out = []
+    for r in replicas:
+        if left[_slot(r)]:
+            left[_slot(r)] -= 1
+        else:
+            out.append(r)
+    return out
+
+
+def _not_yet_running(plan: Plan | None, running: list[CurrentReplica]) -> list[CurrentReplica]:
+    """The last plan's replicas that no running replica fills yet: pods may be on their way to them, so the next
+    plan keeps them where it can (a plan that moves its slots every round would send scale-ups to stale ones)."""
+    if plan is None:
+        return []
+    return [CurrentReplica(r.model, r.node, r.gpu, r.mig_profile) for r in _unmatched(plan.replicas, running)]
+
+
+def plan_document(plan: Plan, one_per_gpu: int, unknown: list[str], moves: int) -> dict[str, Any]:
     """The plan as the ConfigMap shows it: totals, quality, and every replica's slot."""
     per_model: dict[str, int] = {}
     for r in plan.replicas:
@@ -200,7 +235,7 @@ def plan_document(plan: Plan, one_per_gpu: int, unknown: list[str]) -> dict[str,
         "lower_bound_per_hour": round(plan.lower_bound_per_hour, 4),
         "gap": round(plan.gap, 4),
         "solve_seconds": round(plan.solve_seconds, 3),
-        "moves": plan.moves,
+        "moves": moves,
         "min_headroom": round(plan.min_headroom, 4),
         "notes": list(plan.notes),
         "not_in_catalog": unknown,

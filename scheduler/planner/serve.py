@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--plan-prices", default="", help="$/h per GPU name part, e.g. H100=2.5,A100=1.6")
     group.add_argument("--plan-allow-mig", action="store_true", help="let the plan carve MIG-capable GPUs")
     group.add_argument(
+        "--plan-node-selector",
+        default="",
+        help="plan only nodes with these labels, e.g. pool=serving,nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3",
+    )
+    group.add_argument(
         "--plan-namespace",
         help="namespace of the gpu-extender-plan ConfigMap (default: this pod's namespace, else kube-system)",
     )
@@ -63,6 +68,7 @@ def planner_from_args(
     except ValueError as exc:
         raise PlannerConfigError(str(exc)) from None
     demand = _demand_source(args)
+    selector = _label_selector(args.plan_node_selector)
     publish = configmap_publisher(api_client, _namespace(args)) if api_client is not None else None
     return PlannerLoop(
         model,
@@ -72,6 +78,7 @@ def planner_from_args(
         prices=prices,
         allow_mig=args.plan_allow_mig,
         interval_s=args.plan_interval,
+        node_selector=selector,
         publish=publish,
         metrics=PlannerMetrics(registry),
     )
@@ -90,6 +97,17 @@ def _demand_source(args: argparse.Namespace) -> DemandSource:
 
     reader = PrometheusDemandReader(PrometheusClient(args.prometheus_url))
     return lambda: (reader.read(), {})
+
+
+def _label_selector(text: str) -> dict[str, str]:
+    """`key=value,key=value` as a mapping; raises PlannerConfigError naming a malformed entry."""
+    selector = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        key, sep, value = entry.partition("=")
+        if not sep or not key.strip():
+            raise PlannerConfigError(f"--plan-node-selector: {entry!r} is not key=value")
+        selector[key.strip()] = value.strip()
+    return selector
 
 
 def _namespace(args: argparse.Namespace) -> str:
