@@ -220,6 +220,9 @@ def test_service_accounts_may_do_their_job_and_little_else(api_client: kubernete
         ("gpu-extender", "watch", "pods", ""),
         ("gpu-extender", "patch", "pods", "team-a"),
         ("gpu-extender", "create", "pods/binding", "team-a"),
+        # ... and publish the co-location plan.
+        ("gpu-extender", "update", "configmaps", NAMESPACE, "gpu-extender-plan"),
+        ("gpu-extender", "create", "configmaps", NAMESPACE),
         # The second scheduler: what kube-scheduler does, plus its lease and the authentication config.
         ("gpu-scheduler", "list", "nodes", ""),
         ("gpu-scheduler", "create", "pods/binding", "team-a"),
@@ -234,6 +237,8 @@ def test_service_accounts_may_do_their_job_and_little_else(api_client: kubernete
         ("gpu-extender", "delete", "pods", "team-a"),
         ("gpu-extender", "get", "secrets", NAMESPACE),
         ("gpu-extender", "update", "nodes", ""),
+        ("gpu-extender", "update", "configmaps", NAMESPACE, "gpu-extender-policy"),
+        ("gpu-extender", "update", "configmaps", "team-a", "gpu-extender-plan"),
         ("gpu-node-agent", "list", "pods", ""),
         ("gpu-node-agent", "get", "secrets", NAMESPACE),
     ]
