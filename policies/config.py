@@ -25,6 +25,8 @@ class Weights(StrictModel):
     # Above every other score: a serving replica goes to an open slot of its model's co-location plan if one
     # fits (feasibility still decides); without a plan, or for other pods, it adds nothing.
     plan: float = Field(10.0, ge=0)
+    # Serving pods to nodes that hold their model's weights on disk: worth one GPU of fragmentation, below the plan.
+    model_cache: float = Field(1.0, ge=0, alias="modelCache")
 
 
 class ShapeSpec(StrictModel):

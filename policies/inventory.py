@@ -41,6 +41,7 @@ class NodeInventory:
     memory_mib: int
     gpus: tuple[GpuDevice, ...] = ()
     labels: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    cached_models: frozenset[str] = field(default=frozenset(), hash=False, compare=False)  # weights on local disk
 
     @property
     def gpu_model(self) -> str:

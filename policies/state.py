@@ -61,6 +61,8 @@ class ClusterSnapshot:
     mig_layout: Mapping[tuple[int, int], tuple[tuple[str, int], ...]] = field(default_factory=dict)
     # Serving replicas by (served model, row, GPU): which planned slots are filled (`policies.plan_targets`).
     model_replicas: Mapping[tuple[str, int, int], int] = field(default_factory=dict)
+    # Served model -> bool [N]: the node has the model's weights on its disk (fixed until the node set changes).
+    cached_on: Mapping[str, np.ndarray] = field(default_factory=dict)
     ready: bool = True
 
     @property
@@ -160,6 +162,13 @@ class ClusterState:
         self.mig_occupied = np.zeros((n, g), dtype=np.uint8)
         self._model_replicas = {}
         self._replicas_published = False
+        cached_on: dict[str, np.ndarray] = {}
+        for i, node in enumerate(nodes):
+            for name in node.cached_models:
+                cached_on.setdefault(name, np.zeros(n, dtype=bool))[i] = True
+        for column in cached_on.values():
+            column.flags.writeable = False
+        self._cached_on = MappingProxyType(cached_on)
         self._generation += 1
         self.row_version = np.full(n, self._generation, dtype=np.int64)
 
@@ -328,6 +337,7 @@ class ClusterState:
             largest_node_gpu_milli=self.largest_node_gpu_milli,
             mig_layout=MappingProxyType(self._mig_layout),
             model_replicas=self._replicas_for_snapshot(),
+            cached_on=self._cached_on,
         )
 
     def _replicas_for_snapshot(self) -> Mapping[tuple[str, int, int], int]:

@@ -92,6 +92,8 @@ class NodeInventoryDoc(_Doc):
     v: Literal[1]
     gpus: list[GpuDoc]
     observed_at: datetime | None = Field(None, alias="observedAt")
+    # Models whose weights are on the node's disk (`org/name`, as the hub names them): serving pods start faster here.
+    cached_models: list[str] | None = Field(None, alias="cachedModels")
 
     @model_validator(mode="after")
     def _unique_indices(self) -> NodeInventoryDoc:

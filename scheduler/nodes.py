@@ -170,7 +170,8 @@ def inventory_from_node(node: Mapping[str, Any], include_unschedulable: bool = F
         return None
     doc = parse_node_inventory(inventory_text)
     gpus = _from_annotation(doc) if doc is not None else _from_labels(resources, labels)
-    return NodeInventory(name=name, cpu_milli=cpu, memory_mib=memory, gpus=gpus, labels=labels)
+    cached = frozenset(doc.cached_models or ()) if doc is not None else frozenset()
+    return NodeInventory(name=name, cpu_milli=cpu, memory_mib=memory, gpus=gpus, labels=labels, cached_models=cached)
 
 
 def inventory_from_openb_row(row: Mapping[str, str]) -> NodeInventory:

@@ -502,7 +502,7 @@ class ClusterWatcher:
 
 
 def _same_node(a: NodeInventory, b: NodeInventory) -> bool:
-    return a == b and a.labels == b.labels
+    return a == b and a.labels == b.labels and a.cached_models == b.cached_models
 
 
 def _shutdown(resp: Any) -> None:

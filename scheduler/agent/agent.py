@@ -19,6 +19,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from scheduler.agent.exporter import AgentCollector, Health
+from scheduler.agent.model_cache import ModelCache
 from scheduler.agent.nvml import NvmlBackend
 from scheduler.agent.publisher import NodePublisher
 from scheduler.agent.sampler import NodeSample, Sampler, inventory_doc, shareable_gpus
@@ -52,14 +53,17 @@ class Agent:
         monotonic: Callable[[], float] = time.monotonic,
         max_backoff_s: float = 300.0,
         milli_per_gpu: int = 1000,
+        model_cache: ModelCache | None = None,
     ) -> None:
         """`milli_per_gpu`: the `gpu-milli` advertised per shareable GPU; above 1000 when the policy lets batch
-        shares borrow idle capacity, or the kubelet would refuse the borrowed share on admission."""
+        shares borrow idle capacity, or the kubelet would refuse the borrowed share on admission. `model_cache`:
+        the node's model weights directory, whose cached models the inventory lists."""
         self.registry = registry or CollectorRegistry()
         self.interval_s = interval_s
         self.milli_per_gpu = milli_per_gpu
         self._nvml = backend
         self._publisher = publisher
+        self._model_cache = model_cache
         self._monotonic = monotonic
         self._sampler = Sampler(backend, clock)
         self._latest: NodeSample | None = None
@@ -115,6 +119,8 @@ class Agent:
             self._sampler.log_once(("incomplete",), "a GPU could not be read; the published inventory is kept")
             return
         doc = inventory_doc(sample.gpus, self._skipped)
+        if self._model_cache is not None:
+            doc = doc.model_copy(update={"cached_models": self._model_cache.models()})
         self._publisher.publish(doc, shareable_gpus(doc) * self.milli_per_gpu)
 
     def run(self, stop: threading.Event) -> None:

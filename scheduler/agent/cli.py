@@ -21,6 +21,7 @@ from prometheus_client.exposition import generate_latest
 
 from scheduler.agent.agent import Agent
 from scheduler.agent.exporter import MetricsServer
+from scheduler.agent.model_cache import ModelCache
 from scheduler.agent.nvml import open_backend
 from scheduler.agent.publisher import NodePublisher
 
@@ -59,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1000,
         help="gpu-extender.io/gpu-milli advertised per shareable GPU: 1000, or 1000 + the policy's "
         "overcommit.maxBorrowedMilliPerGpu when overcommit is enabled (the extender enforces the real capacity)",
+    )
+    parser.add_argument(
+        "--model-cache-dir",
+        help="Hugging Face hub cache of model weights on this node (e.g. /var/cache/huggingface/hub): the models "
+        "found there are published with the inventory, so serving pods prefer this node",
     )
     parser.add_argument("--log-level", default="info")
 
@@ -115,7 +121,10 @@ def run(args: argparse.Namespace) -> int:
     if args.milli_per_gpu < 1000:
         log.error("--milli-per-gpu must be at least 1000", extra={"given": args.milli_per_gpu})
         return 2
-    agent = Agent(backend, hostname, publisher, interval_s=args.interval, milli_per_gpu=args.milli_per_gpu)
+    cache = ModelCache(args.model_cache_dir) if args.model_cache_dir else None
+    agent = Agent(
+        backend, hostname, publisher, interval_s=args.interval, milli_per_gpu=args.milli_per_gpu, model_cache=cache
+    )
     if args.once:
         agent.step()
         time.sleep(1.0)
