@@ -135,6 +135,16 @@ class Overcommit(StrictModel):
     prefer: Literal["borrow", "allocation"] = "borrow"
 
 
+class ColdLoads(StrictModel):
+    """Herd control for serving replicas (pods with `gpu-extender.io/model`): at most `maxPerNode` of them may be
+    loading (bound, not yet Ready) on one node at a time; 0 lifts the limit. Replicas that load together share the
+    node's disk and network for their weights and its GPUs for memory profiling (vLLM sizes its KV cache from the
+    memory it sees free, so co-located engines must start one after another); a spike that starts many at once
+    makes every one of them late."""
+
+    max_per_node: int = Field(0, ge=0, alias="maxPerNode")
+
+
 class PlacementPolicy(StrictModel):
     api_version: Literal["gpu-extender.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
     kind: Literal["PlacementPolicy"] = "PlacementPolicy"
@@ -146,6 +156,7 @@ class PlacementPolicy(StrictModel):
     extender_scoring: ExtenderScoring = Field(default_factory=ExtenderScoring, alias="extenderScoring")
     reservations: Reservations = Field(default_factory=Reservations)
     overcommit: Overcommit = Field(default_factory=Overcommit)
+    cold_loads: ColdLoads = Field(default_factory=ColdLoads, alias="coldLoads")
 
 
 class PolicyError(ValueError):

@@ -98,6 +98,7 @@ def evaluate(
     With `components`, also each scorer's part of that score (what `explain` shows; the hot path has no use for
     them). `plan`: the co-location plan's slots, which serving pods are drawn to."""
     reasons = feasibility(snapshot, rows, demand)
+    _limit_cold_loads(snapshot, rows, demand, policy, reasons)
     n = len(rows)
     scores = np.full(n, -np.inf)
     choice = np.full(n, -1, dtype=np.int64)
@@ -132,6 +133,15 @@ def evaluate(
     if score and borrowed is not None and borrowed.any():
         _score_borrowed(snapshot, rows, lend, borrowed, policy, scores, choice, parts if components else None)
     return Evaluation(rows, reasons, scores, choice, mig_start, parts, borrowed)
+
+
+def _limit_cold_loads(
+    snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, policy: PlacementPolicy, reasons: np.ndarray
+) -> None:
+    """A serving replica does not go where `coldLoads.maxPerNode` replicas are loading already."""
+    limit = policy.cold_loads.max_per_node
+    if limit and demand.model_name is not None:
+        reasons[(reasons == FITS) & (snapshot.serving_starting[rows] >= limit)] = int(Reason.COLD_LOADS)
 
 
 # GPU capacity rejections that measured idle capacity can cure.
@@ -231,6 +241,7 @@ def assign(
         "guarded": demand.guards_gpu,
         "expected_busy": demand.busy_estimate,
         "model": demand.model_name,
+        "starting": demand.model_name is not None,  # a serving replica loads from its bind until it is Ready
     }
     kind = demand.kind
     if kind is DemandKind.NONE:

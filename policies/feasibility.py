@@ -22,6 +22,7 @@ class Reason(IntEnum):
     TOO_FEW_GPUS = 3
     NO_MIG_PROFILE = 4
     GPU_MEMORY_TOO_SMALL = 5
+    COLD_LOADS = 9  # transient, but evicting pods would not end it
     CPU = 10
     MEMORY = 11
     GPUS_BUSY = 12
@@ -39,6 +40,7 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.TOO_FEW_GPUS: "node has fewer GPUs than requested",
     Reason.NO_MIG_PROFILE: "no MIG-enabled GPU on the node supports the requested profile",
     Reason.GPU_MEMORY_TOO_SMALL: "GPU memory smaller than requested",
+    Reason.COLD_LOADS: "serving replicas still loading on the node reach the policy's limit (coldLoads.maxPerNode)",
     Reason.CPU: "insufficient CPU",
     Reason.MEMORY: "insufficient memory",
     Reason.GPUS_BUSY: "not enough fully free GPUs",

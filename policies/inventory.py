@@ -66,7 +66,8 @@ class Assignment:
     borrowing on its GPUs. `expected_busy`: the busy fraction the pod is expected to add to each of its GPUs
     (`Demand.busy_estimate`); what it declares, not what it holds, so it takes no part in equality. `model`: the
     served model (`gpu-extender.io/model`) a serving replica runs, so a plan can tell its slots filled; a label,
-    not a resource, so it takes no part in equality either.
+    not a resource, so it takes no part in equality either. `starting`: a serving replica still loading (bound,
+    not yet Ready), for herd control; a state of the pod, not of what it holds.
     """
 
     node: str
@@ -80,6 +81,7 @@ class Assignment:
     guarded: bool = False
     expected_busy: float = field(default=0.0, compare=False)
     model: str | None = field(default=None, compare=False)
+    starting: bool = field(default=False, compare=False)
 
     @property
     def gpu_milli_total(self) -> int:

@@ -49,6 +49,7 @@ class ClusterSnapshot:
     gpu_declared_busy: np.ndarray  # float32 [N, G] sum of the tenants' expected busy fractions
     mig_table: np.ndarray  # int8 [N, G] index into MIG_TABLE_NAMES, -1 where the GPU is not in MIG mode
     mig_occupied: np.ndarray  # uint8 [N, G] bitmask of memory slices held by pods
+    serving_starting: np.ndarray  # int16 [N] serving replicas still loading (herd control)
     # int64 [N]: the generation at which each row last changed, so a result computed over some rows can tell
     # whether it still holds (a rebuilt node set renews every row).
     row_version: np.ndarray
@@ -160,6 +161,7 @@ class ClusterState:
         self.gpu_guarded = np.zeros((n, g), dtype=np.int16)
         self.gpu_declared_busy = np.zeros((n, g), dtype=np.float32)
         self.mig_occupied = np.zeros((n, g), dtype=np.uint8)
+        self.serving_starting = np.zeros(n, dtype=np.int16)
         self._model_replicas = {}
         self._replicas_published = False
         cached_on: dict[str, np.ndarray] = {}
@@ -273,6 +275,8 @@ class ClusterState:
             self.mig_occupied[i, a.mig.gpu] ^= profile.mask_at(a.mig.start)
         if a.model:
             self._count_replica(a, i, -sign)
+            if a.starting:
+                self.serving_starting[i] -= sign
 
     def _count_replica(self, a: Assignment, i: int, change: int) -> None:
         """Keep the served-model count of each GPU the replica holds; published snapshots keep their copy."""
@@ -331,6 +335,7 @@ class ClusterState:
             gpu_declared_busy=edited(self.gpu_declared_busy),
             mig_table=self.mig_table,
             mig_occupied=edited(self.mig_occupied),
+            serving_starting=edited(self.serving_starting),
             row_version=edited(self.row_version),
             node_gpus=self.node_gpus,
             largest_node_cpu=self.largest_node_cpu,

@@ -254,7 +254,7 @@ class ClusterModel:
         self._reservations.pop(key, None)
         self._observe(key, demand)
         current = self._state.assignments.get(key)
-        if current == assignment:
+        if current == assignment and current.starting == assignment.starting:
             return True
         if current is not None:
             if _gpus_unplaced(assignment, demand) and current.node == assignment.node:

@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -50,6 +50,12 @@ class PodRecord:
     demand: Demand
     gpu_known: bool = True
     valid: bool = True
+    starting: bool = False  # a serving replica not Ready yet: its readiness changes the record
+
+
+def _ready(obj: Mapping[str, Any]) -> bool:
+    conditions = (obj.get("status") or {}).get("conditions") or ()
+    return any(isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 def project_pod(obj: dict[str, Any]) -> PodRecord | None:
@@ -70,7 +76,10 @@ def project_pod(obj: dict[str, Any]) -> PodRecord | None:
             return None
     annotations = (obj.get("metadata") or {}).get("annotations")
     assignment, gpu_known = bound_assignment(annotations, node, demand)
-    return PodRecord(node, assignment, demand, gpu_known, valid)
+    starting = demand.model_name is not None and not _ready(obj)
+    if demand.model_name is not None:
+        assignment = replace(assignment, model=demand.model_name, starting=starting)
+    return PodRecord(node, assignment, demand, gpu_known, valid, starting)
 
 
 def model_pod_key(obj: Mapping[str, Any]) -> str:
