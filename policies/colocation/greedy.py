@@ -45,6 +45,7 @@ def first_fit_decreasing(problem: Problem) -> tuple[Aggregate, dict[str, float]]
     usable = problem.options.usable_milli
     left = {t.key: t.count for t in problem.types}
     open_gpus: list[_OpenGpu] = []
+    room: list[_OpenGpu] = []  # the open GPUs that may still take a replica: the only ones worth scanning
     unplaced: dict[str, float] = {}
     order = sorted(
         range(len(problem.models)), key=lambda m: (-problem.memory(m), -problem.models[m].requests_per_second)
@@ -60,7 +61,7 @@ def first_fit_decreasing(problem: Problem) -> tuple[Aggregate, dict[str, float]]
             chunk = -(-load // replicas) if replicas else 0
             placed = 0
             for _ in range(replicas):
-                if not _place(problem, open_gpus, left, problem.types[t], m, profile, chunk):
+                if not _place(problem, open_gpus, room, left, problem.types[t], m, profile, chunk):
                     break
                 placed += 1
             need = max(0, need - placed * chunk * rate)
@@ -75,15 +76,18 @@ def first_fit_decreasing(problem: Problem) -> tuple[Aggregate, dict[str, float]]
 def _place(
     problem: Problem,
     open_gpus: list[_OpenGpu],
+    room: list[_OpenGpu],
     left: dict[int, int],
     t: GpuType,
     m: int,
     profile: str | None,
     load: int,
 ) -> bool:
-    for gpu in open_gpus:
+    for i, gpu in enumerate(room):
         if gpu.type_key == t.key and _fits(problem, gpu, t, m, profile, load):
             _put(gpu, t, m, profile, load, problem)
+            if _full(problem, gpu):
+                del room[i]
             return True
     if left[t.key] == 0:
         return False
@@ -93,7 +97,21 @@ def _place(
     left[t.key] -= 1
     open_gpus.append(gpu)
     _put(gpu, t, m, profile, load, problem)
+    if not _full(problem, gpu):
+        room.append(gpu)
     return True
+
+
+def _full(problem: Problem, gpu: _OpenGpu) -> bool:
+    """A shared GPU that no further replica can join: all its places taken, too little memory left for the
+    smallest model, or all its compute taken (unless some replica carries no load)."""
+    if gpu.fixed_free is not None or gpu.slices:
+        return False
+    return (
+        len(gpu.models) >= problem.options.max_replicas_per_gpu
+        or gpu.memory + problem.smallest_memory > problem.types[gpu.type_key].memory_mib
+        or (sum(gpu.loads) >= problem.options.usable_milli and not problem.some_without_demand)
+    )
 
 
 def _mig_profile(t: GpuType, name: str) -> MigProfile:

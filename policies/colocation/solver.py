@@ -1,9 +1,12 @@
 """The co-location planner: CP-SAT over GPU types, patterns and MIG layouts, in two lexicographic stages.
 
 Stage 1 minimises the fleet's cost per hour, then the replicas moved away from where they run now (as a second
-term weighted below one cent). Stage 2 keeps stage 1's GPUs and replicas and spreads each model's load over them
-to maximise the smallest compute headroom. The first-fit-decreasing plan is the hint, an upper bound on cost and
-the answer when the solver finds nothing in time. Everything is integer, as CP-SAT needs: loads in thousandths
+term weighted below one cent). It chooses each model's replica count from a menu (`menu.py`) and gives every
+replica the load that count implies, so the cheapest plan already has the equal loads a Service produces; the
+free per-pattern loads of the aggregate relaxation are kept beside them only for their tight bound. Stage 2
+keeps stage 1's GPUs and replicas and re-spreads each model's load to maximise the smallest compute headroom.
+The first-fit-decreasing plan is the hint, an upper bound on cost (when its loads follow the menu) and the
+answer when the solver finds nothing in time. Everything is integer, as CP-SAT needs: loads in thousandths
 of a GPU, rates in hundredths of a request per second, prices in cents.
 """
 
@@ -20,12 +23,17 @@ from ortools.sat.python import cp_model
 from policies.colocation.aggregate import Aggregate, Pattern
 from policies.colocation.concretize import concretize
 from policies.colocation.greedy import first_fit_decreasing
-from policies.colocation.problem import MAX_PATTERNS_PER_TYPE, Problem, build_problem, demand_units, rate_units
+from policies.colocation.menu import Menu, follows_menu, replica_menu
+from policies.colocation.problem import Problem, build_problem, demand_units, rate_units
 from policies.colocation.types import CurrentReplica, FleetGpu, Plan, PlanError, PlannerOptions, ServedModel
 from policies.inventory import MILLI_PER_GPU
 from policies.mig import MIG_TABLES
 
 HEADROOM_SHARE = 0.2  # of the time limit, for stage 2
+# Stage 1 on two workers or fewer runs one full-problem worker with the tighter LP (linearization level 2) rather
+# than two that split the cores between the level-1 LP and local search: on the genai-serving pods (a pairing
+# problem) the former proved the optimum in 3.5 s, the latter proved nothing in 8 s.
+STAGE1_LINEARIZATION = 2
 
 
 def _cents(price: float) -> int:
@@ -43,12 +51,33 @@ class _Stage1:
         self.layouts: dict[tuple[int, int], cp_model.IntVar] = {}
         self.s: dict[tuple[int, str, int], cp_model.IntVar] = {}
         self.u: dict[tuple[int, str, int], cp_model.IntVar] = {}
+        self.menus: dict[int, Menu] = {}
+        self.count: dict[int, cp_model.IntVar] = {}  # model -> replicas
+        self.load: dict[tuple[int, tuple], cp_model.IntVar] = {}  # (model, (type,) or (type, profile)) -> milli
+        self.used: dict[tuple, cp_model.IntVar] = {}  # (type, pattern) or (type, profile, model) -> taken at all
+        self._menus()
         self._build()
         self.cost = sum(
             _cents(problem.types[t].price_per_hour) * v for (t, _), v in [*self.n.items(), *self.layouts.items()]
         )
         keep, self.keep_weight = self._keep_terms(current)
         self.model.Minimize(self.cost * self.keep_weight - keep)
+
+    def _menus(self) -> None:
+        """Each model's replica count and, through the menu's table, the load of each of its replicas per slot."""
+        for m in range(len(self.problem.models)):
+            self.menus[m] = menu = replica_menu(self.problem, m)
+            self.count[m] = count = self.model.NewIntVar(menu.low, menu.high, f"replicas_{m}")
+            for key, table in menu.load.items():
+                self.load[(m, key)] = load = self.model.NewIntVar(0, max(table), f"load_{m}_{key}")
+                self.model.AddElement(count, table, load)
+
+    def _equal_load(self, key: tuple, gpus: cp_model.IntVar, most: int, loads: list) -> None:
+        """`gpus` > 0 only when `loads` (one replica of each model there) fit within the margin together."""
+        used = self.model.NewBoolVar(f"used_{key}")
+        self.used[key] = used
+        self.model.Add(gpus <= most * used)
+        self.model.Add(sum(loads) <= self.problem.options.usable_milli).OnlyEnforceIf(used)
 
     def _build(self) -> None:
         problem, model = self.problem, self.model
@@ -66,6 +95,7 @@ class _Stage1:
                     self.z[(t.key, pattern, m)] = z
                     loads.append(z)
                 model.Add(sum(loads) <= usable * n)
+                self._equal_load((t.key, pattern), n, t.count, [self.load[(m, (t.key,))] for m in pattern])
                 used.append(n)
             for index in range(len(problem.layouts.get(t.key, ()))):
                 v = model.NewIntVar(0, t.count, f"l_{t.key}_{index}")
@@ -91,6 +121,7 @@ class _Stage1:
                 u = model.NewIntVar(0, most * usable, f"u_{t}_{q}_{m}")
                 model.Add(u <= usable * s)
                 self.s[(t, q, m)], self.u[(t, q, m)] = s, u
+                self._equal_load((t, q, m), s, most, [self.load[(m, (t, q))]])
                 taken.append(s)
             model.Add(sum(taken) <= available)
 
@@ -106,7 +137,7 @@ class _Stage1:
             replicas[m].append(self.s[(t, q, m)])
         for m, served in enumerate(problem.models):
             model.Add(sum(carried[m]) >= demand_units(served.requests_per_second))
-            model.Add(sum(replicas[m]) >= served.min_replicas)
+            model.Add(sum(replicas[m]) == self.count[m])
 
     def _keep_terms(self, current: Sequence[CurrentReplica]) -> tuple[cp_model.LinearExpr | int, int]:
         """GPUs that run a pattern now and keep it in the plan, weighted by their replicas; and the weight that
@@ -142,12 +173,29 @@ class _Stage1:
             self.model.AddHint(var, greedy.slices.get(key, 0))
         for key, var in self.u.items():
             self.model.AddHint(var, greedy.slice_load.get(key, 0))
+        counts = greedy.replica_counts()
+        for m, count in counts.items():
+            self.model.AddHint(self.count[m], count)
+        for (m, key), var in self.load.items():
+            if self.menus[m].low <= counts.get(m, 0) <= self.menus[m].high:
+                self.model.AddHint(var, self.menus[m].load[key][counts[m]])
+        for key, var in self.used.items():
+            self.model.AddHint(var, int(bool(greedy.shared.get(key, 0) or greedy.slices.get(key, 0))))
 
     def read(self, solver: cp_model.CpSolver) -> Aggregate:
+        """The chosen counts, each replica at the load its model's replica count gives it."""
+
         def values(variables: dict) -> dict:
             return {k: v for k, var in variables.items() if (v := solver.Value(var))}
 
-        return Aggregate(values(self.n), values(self.z), values(self.layouts), values(self.s), values(self.u))
+        shared, slices = values(self.n), values(self.s)
+        shared_load = {
+            (t, pattern, m): n * solver.Value(self.load[(m, (t,))])
+            for (t, pattern), n in shared.items()
+            for m in pattern
+        }
+        slice_load = {(t, q, m): n * solver.Value(self.load[(m, (t, q))]) for (t, q, m), n in slices.items()}
+        return Aggregate(shared, shared_load, values(self.layouts), slices, slice_load)
 
 
 def _spread_headroom(problem: Problem, chosen: Aggregate, time_limit_s: float, workers: int) -> Aggregate | None:
@@ -193,7 +241,7 @@ def _spread_headroom(problem: Problem, chosen: Aggregate, time_limit_s: float, w
     return Aggregate(dict(chosen.shared), shared_load, dict(chosen.layouts), dict(chosen.slices), slice_load)
 
 
-def _trivial_bound(problem: Problem) -> float:
+def compute_lower_bound(problem: Problem) -> float:
     """Cost no plan can go below, without a solver: each model's demand at its cheapest rate per dollar."""
     price = {t.key: t.price_per_hour for t in problem.types}
     usable = problem.options.usable_milli / MILLI_PER_GPU
@@ -239,14 +287,8 @@ def solve(problem: Problem, current: Iterable[CurrentReplica] = ()) -> Plan:
     current = list(current)
     greedy, unplaced = first_fit_decreasing(problem)
     notes: list[str] = []
-    if problem.patterns is None:
-        if unplaced:
-            raise PlanError(f"first-fit decreasing left demand unplaced: {_shortfall(unplaced)}")
-        chosen, method, bound = greedy, "greedy", 0.0
-        notes.append(f"more than {MAX_PATTERNS_PER_TYPE} ways to share one GPU type: first-fit decreasing")
-    else:
-        chosen, method, bound = _solve(problem, greedy, unplaced, current, started, notes)
-    bound = max(bound, _trivial_bound(problem))
+    chosen, method, bound = _solve(problem, greedy, unplaced, current, started, notes)
+    bound = max(bound, compute_lower_bound(problem))
     replicas, moves, headroom = concretize(problem, chosen, current)
     notes.extend(_spread_notes(problem, replicas))
     cost = chosen.cost_per_hour(problem)
@@ -277,23 +319,32 @@ def _solve(
 ) -> tuple[Aggregate, str, float]:
     """Both CP-SAT stages: the chosen counts and loads, how they were found, and the proven bound on cost."""
     options = problem.options
+    complete = problem.patterns_complete
+    if not complete:
+        _add_patterns_of(problem, greedy)
+        notes.append(
+            f"{sum(len(p) for p in problem.patterns.values())} of the ways to share a GPU searched (the fullest, "
+            "and first-fit decreasing's): the bound is the compute bound"
+        )
     stage1 = _Stage1(problem, current)
     if not unplaced:
         stage1.hint(greedy)
-        stage1.model.Add(stage1.cost <= _cents(greedy.cost_per_hour(problem)))
+        if follows_menu(problem, greedy):
+            stage1.model.Add(stage1.cost <= _cents(greedy.cost_per_hour(problem)))
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = options.time_limit_s * (1 - HEADROOM_SHARE)
-    solver.parameters.num_workers = options.workers
+    solver.parameters.num_workers = options.workers if options.workers > 2 else 1
+    solver.parameters.linearization_level = STAGE1_LINEARIZATION
     solver.parameters.random_seed = options.seed
     status = solver.Solve(stage1.model)
-    if status == cp_model.INFEASIBLE:
+    if status == cp_model.INFEASIBLE and complete:
         raise PlanError(
             f"the fleet cannot carry the demand within a {options.margin:.0%} margin ({_shortfall(unplaced)})"
         )
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         chosen = stage1.read(solver)
-        method = "cp-sat optimal" if status == cp_model.OPTIMAL else "cp-sat feasible"
-        bound = math.ceil(solver.BestObjectiveBound() / stage1.keep_weight - 1e-9) / 100
+        method = "cp-sat optimal" if status == cp_model.OPTIMAL and complete else "cp-sat feasible"
+        bound = math.ceil(solver.BestObjectiveBound() / stage1.keep_weight - 1e-9) / 100 if complete else 0.0
         remaining = options.time_limit_s - (time.monotonic() - started)
         spread = _spread_headroom(
             problem, chosen, min(remaining, options.time_limit_s * HEADROOM_SHARE), options.workers
@@ -308,6 +359,13 @@ def _solve(
         )
     notes.append("the solver found no plan in time: first-fit decreasing")
     return greedy, "greedy", 0.0
+
+
+def _add_patterns_of(problem: Problem, plan: Aggregate) -> None:
+    """Give the solver the patterns of `plan` too, so that its hint is a solution of the model it searches."""
+    for t, pattern in plan.shared:
+        if pattern not in problem.patterns[t]:
+            problem.patterns[t].append(pattern)
 
 
 def _spread_notes(problem: Problem, replicas: Sequence) -> list[str]:

@@ -1,5 +1,6 @@
 """`gpu-extender plan`: how many replicas of each served model to run, and on which GPU, MIG slice or GPU share, at
-the least cost for a fleet; printed, and with `--out` written as `plan.json` and Deployments to apply.
+the least cost for a fleet; printed, and with `--out` written as `plan.json`, Deployments to apply and a picture of
+the used GPUs (`plan.png`, when matplotlib is installed).
 
 Examples:
   gpu-extender plan --fleet fleet.yaml --demand demand.csv --prices H100=2.5,A100=1.6 --out plan/
@@ -76,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prices", default="", help="$/h per GPU name part, e.g. H100=2.5,A100=1.6 (default 1.0)")
     parser.add_argument("--allow-mig", action="store_true", help="let the plan carve MIG-capable GPUs into slices")
     parser.add_argument("--top", type=int, default=40, help="GPUs to list (default 40)")
-    parser.add_argument("--out", help="directory for plan.json and deployments.yaml")
+    parser.add_argument("--out", help="directory for plan.json, deployments.yaml and plan.png")
     parser.add_argument("--namespace", default="default", help="namespace of the Deployments (default: default)")
     parser.add_argument("--image", default=DEFAULT_IMAGE, help=f"serving image (default {DEFAULT_IMAGE})")
     parser.add_argument(
@@ -403,6 +404,7 @@ def plan_report(
 
 def _gpu_rows(plan: Plan, fleet: Sequence[FleetGpu]) -> list[dict[str, Any]]:
     price = {(g.node, g.index): g.price_per_hour for g in fleet}
+    memory = {(g.node, g.index): g.memory_mib for g in fleet}
     alone = alone_on_gpu(plan)
     by_gpu: dict[tuple[str, int], list[PlannedReplica]] = defaultdict(list)
     for r in plan.replicas:
@@ -415,6 +417,7 @@ def _gpu_rows(plan: Plan, fleet: Sequence[FleetGpu]) -> list[dict[str, Any]]:
                 "gpu": index,
                 "gpu_model": replicas[0].gpu_model,
                 "price_per_hour": price.get((node, index)),
+                "memory_mib": memory.get((node, index)),
                 "replicas": [
                     _replica_row(r, alone) for r in sorted(replicas, key=lambda r: (r.mig_start or 0, r.model))
                 ],
@@ -741,7 +744,11 @@ def _write(out: Path, report: dict[str, Any], documents: Sequence[dict[str, Any]
         (out / "deployments.yaml").write_text(header + "---\n" + body)
     except OSError as exc:
         raise _Refusal(f"cannot write to {out}: {_reason(exc, str(out))}") from None
+    from scheduler.planner.plot import draw_plan
+
     count = f"{len(documents)} Deployment{'' if len(documents) == 1 else 's'}"
-    print(f"\nwrote {out / 'plan.json'} and {out / 'deployments.yaml'} ({count})")
+    picture = draw_plan(report, out / "plan.png")
+    drawn = f" and {picture}" if picture else ""
+    print(f"\nwrote {out / 'plan.json'} and {out / 'deployments.yaml'} ({count}){drawn}")
     for note in notes:
         print(f"note: {note}")
