@@ -13,9 +13,7 @@ The planner (and OR-Tools with it) is imported when the command runs, not when t
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import re
 import sys
 import textwrap
@@ -185,86 +183,10 @@ def _trace_wants(path: str, step_s: float, percentile: float) -> list[_Want]:
 
 
 def _file_wants(path: str) -> list[_Want]:
-    """A CSV (`model,requests_per_second[,min_replicas]`, header optional) or a YAML mapping model -> rps (or
-    model -> {requests_per_second, min_replicas}); the suffix decides, else the content."""
-    text = Path(path).read_text(encoding="utf-8-sig")
-    suffix = Path(path).suffix.lower()
-    if suffix in (".yaml", ".yml", ".json"):
-        return _yaml_wants(text)
-    if suffix != ".csv":
-        import yaml
+    """A demand file (`scheduler.planner.demand_file`: CSV or YAML of rates and replica floors)."""
+    from scheduler.planner.demand_file import read_demand_file
 
-        try:
-            if isinstance(yaml.safe_load(text), dict):
-                return _yaml_wants(text)
-        except yaml.YAMLError:
-            pass
-    return _csv_wants(text)
-
-
-def _rate(value: Any, where: str) -> float:
-    try:
-        rate = float(value)
-    except (TypeError, ValueError):
-        rate = math.nan
-    if not math.isfinite(rate) or rate < 0:
-        raise ValueError(f"{where}: requests per second {value!r} is not a number >= 0")
-    return rate
-
-
-def _replicas(value: Any, where: str) -> int | None:
-    if value is None or value == "":
-        return None
-    try:
-        count = int(str(value).strip())
-    except ValueError:
-        count = -1
-    if count < 0:
-        raise ValueError(f"{where}: min_replicas {value!r} is not a whole number >= 0")
-    return count
-
-
-def _csv_wants(text: str) -> list[_Want]:
-    wants = []
-    reader = csv.reader(text.splitlines(), skipinitialspace=True)
-    for row in reader:
-        cells = [c.strip() for c in row]
-        if not any(cells) or cells[0].startswith("#") or (not wants and cells[0].lower() == "model"):
-            continue
-        where = f"line {reader.line_num}"
-        if len(cells) not in (2, 3) or not cells[0]:
-            raise ValueError(f"{where}: expected model,requests_per_second[,min_replicas], got {row!r}")
-        replicas = _replicas(cells[2], where) if len(cells) == 3 else None
-        wants.append(_Want(cells[0], _rate(cells[1], where), replicas))
-    return wants
-
-
-def _yaml_wants(text: str) -> list[_Want]:
-    import yaml
-
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"not valid YAML: {exc}") from None
-    if not isinstance(document, dict):
-        raise ValueError("expected a mapping of model name to requests per second")
-    wants = []
-    for name, value in document.items():
-        where = f"model {name!r}"
-        if isinstance(value, dict):
-            unknown = set(value) - {"requests_per_second", "min_replicas"}
-            if unknown:
-                raise ValueError(f"{where}: unknown key(s) {', '.join(map(str, sorted(unknown)))}")
-            wants.append(
-                _Want(
-                    str(name),
-                    _rate(value.get("requests_per_second"), where),
-                    _replicas(value.get("min_replicas"), where),
-                )
-            )
-        else:
-            wants.append(_Want(str(name), _rate(value, where)))
-    return wants
+    return [_Want(w.name, w.requests_per_second, w.min_replicas) for w in read_demand_file(path)]
 
 
 def _served(wants: Sequence[_Want], catalog: ModelCatalog, origin: str) -> tuple[list[ServedModel], list[np.ndarray]]:
