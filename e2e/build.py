@@ -1,6 +1,8 @@
-"""Build (once) and locate the real control-plane binaries: etcd, kube-apiserver, kube-scheduler.
+"""Build (once) and locate the real control-plane binaries: etcd, kube-apiserver, kube-scheduler and
+kube-controller-manager.
 
-kube-apiserver and kube-scheduler are compiled from the pinned ``k8s.io/kubernetes`` Go module in
+kube-apiserver, kube-scheduler and kube-controller-manager are compiled from the pinned ``k8s.io/kubernetes`` Go
+module in
 ``e2e/k8s`` and cached per version, so only the first run pays the few minutes of compilation.
 """
 
@@ -26,8 +28,9 @@ from pathlib import Path
 GO_MODULE_DIR = Path(__file__).resolve().parent / "k8s"
 BIN_ENV = "GPU_EXTENDER_K8S_BIN"
 ETCD_VERSION = "v3.6.8"
-"""etcd built from source only when neither a system etcd nor apt is available."""
+"""etcd built from source (see `ensure_etcd`)."""
 PROGRESS_EVERY_S = 15.0
+COMPONENTS = ("kube-apiserver", "kube-scheduler", "kube-controller-manager")
 
 Log = Callable[[str], None]
 
@@ -44,6 +47,7 @@ class Binaries:
     kube_apiserver: Path
     kube_scheduler: Path
     version: str
+    kube_controller_manager: Path | None = None
 
 
 class BuildError(RuntimeError):
@@ -180,20 +184,20 @@ def _executable(path: Path) -> bool:
 
 
 def build_kubernetes(out: Path, version: str, log: Log = _stderr) -> None:
-    """Compile kube-apiserver and kube-scheduler into ``out`` (atomic: a failed build leaves nothing)."""
+    """Compile the control-plane binaries into ``out`` (atomic: a failed build leaves nothing)."""
     go = find_go(log)
-    log(f"building kube-apiserver and kube-scheduler {version} with {go} (first run only, a few minutes)")
+    log(f"building {', '.join(COMPONENTS)} {version} with {go} (first run only, a few minutes)")
     with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
         go_build(
             go,
             GO_MODULE_DIR,
-            ["./cmd/kube-apiserver", "./cmd/kube-scheduler"],
+            [f"./cmd/{name}" for name in COMPONENTS],
             Path(tmp),
             _ldflags(version),
             f"kubernetes {version}",
             log,
         )
-        for name in ("kube-apiserver", "kube-scheduler"):
+        for name in COMPONENTS:
             os.replace(Path(tmp) / name, out / name)
 
 
@@ -244,23 +248,46 @@ def build_etcd(out: Path, log: Log = _stderr) -> Path:
 
 
 def ensure_etcd(out: Path, log: Log = _stderr) -> Path:
-    """System etcd if installed, else apt's etcd-server, else a source build cached in ``out``."""
+    """etcd ``ETCD_VERSION`` built from source and cached in ``out``; a system or apt etcd only when that fails.
+
+    Debian's etcd (3.4) serves the apiserver, but lacks watch progress requests: client-go's streaming lists (the
+    informers of kube-controller-manager and kwok) then end every watch with an error and re-list with a growing
+    backoff, so they see changes seconds late. Kubernetes 1.36 is tested against etcd 3.6.
+    """
     cached = out / "etcd"
-    if _executable(cached):
+    if _executable(cached) and _etcd_version(cached) == ETCD_VERSION.lstrip("v"):
         return cached
-    return _system_etcd() or _apt_install_etcd(log) or build_etcd(out, log)
+    try:
+        return build_etcd(out, log)
+    except BuildError as exc:
+        fallback = _system_etcd() or _apt_install_etcd(log)
+        if fallback is None:
+            raise
+        log(f"using {fallback}: {exc}")
+        return fallback
+
+
+def _etcd_version(binary: Path) -> str:
+    proc = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=False)
+    match = re.search(r"etcd Version: (\S+)", proc.stdout)
+    return match.group(1) if match else ""
 
 
 def ensure_binaries(log: Log = _stderr, rebuild: bool = False) -> Binaries:
-    """Paths of etcd, kube-apiserver and kube-scheduler, building whatever is missing from the cache."""
+    """Paths of etcd and the Kubernetes components, building whatever is missing from the cache."""
     version = k8s_version()
     out = bin_dir(version)
-    apiserver, scheduler = out / "kube-apiserver", out / "kube-scheduler"
     with _locked(out):
-        if rebuild or not (_executable(apiserver) and _executable(scheduler)):
+        if rebuild or not all(_executable(out / name) for name in COMPONENTS):
             build_kubernetes(out, version, log)
         etcd = ensure_etcd(out, log)
-    return Binaries(etcd=etcd, kube_apiserver=apiserver, kube_scheduler=scheduler, version=version)
+    return Binaries(
+        etcd=etcd,
+        kube_apiserver=out / "kube-apiserver",
+        kube_scheduler=out / "kube-scheduler",
+        version=version,
+        kube_controller_manager=out / "kube-controller-manager",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"etcd           {binaries.etcd}")
     print(f"kube-apiserver {binaries.kube_apiserver}")
     print(f"kube-scheduler {binaries.kube_scheduler}")
+    print(f"kube-controller-manager {binaries.kube_controller_manager}")
     return 0
 
 

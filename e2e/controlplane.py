@@ -16,6 +16,7 @@ import ssl
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +296,38 @@ class ControlPlane:
             self.stop_scheduler(sched)
             raise
         return sched
+
+    def start_controller_manager(
+        self, controllers: Sequence[str] = ("deployment", "replicaset", "horizontalpodautoscaling")
+    ) -> Component:
+        """kube-controller-manager running only `controllers` (what a scenario needs of it: Deployments make
+        ReplicaSets make pods), as admin, leader election off; waits for /healthz."""
+        assert self.binaries is not None and self.binaries.kube_controller_manager is not None
+        (port,) = procs.free_ports(1)
+        kc = self.kubeconfig
+        argv = [
+            str(self.binaries.kube_controller_manager),
+            f"--kubeconfig={kc}",
+            f"--authentication-kubeconfig={kc}",
+            f"--authorization-kubeconfig={kc}",
+            f"--controllers={','.join(controllers)}",
+            "--leader-elect=false",
+            "--use-service-account-credentials=false",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={port}",
+            f"--cert-dir={self.workdir / 'controller-manager-certs'}",
+            "--concurrent-deployment-syncs=5",
+            "--concurrent-replicaset-syncs=5",
+            "--horizontal-pod-autoscaler-sync-period=5s",
+        ]
+        manager = self._spawn("kube-controller-manager", argv)
+        insecure = ssl.create_default_context()
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE
+        procs.wait_until(
+            manager, lambda: procs.http_ok(f"https://127.0.0.1:{port}/healthz", insecure), "/healthz", 60.0, 0.2
+        )
+        return manager
 
     def stop_scheduler(self, handle: Component, grace_s: float = 10.0) -> None:
         """Stop one scheduler started by :meth:`start_scheduler`."""

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Installs everything the demo and the tests need on a fresh Debian machine: the Python package with its test
-# extras in the project's virtual environment ($VENV, default .venv), etcd and Prometheus from Debian, and (through
-# e2e.build) kube-apiserver and kube-scheduler from Go modules.
+# extras in the project's virtual environment ($VENV, default .venv), Prometheus from Debian, and (through e2e.build
+# and e2e.kwok) etcd, kube-apiserver, kube-scheduler, kube-controller-manager and kwok from Go modules.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
@@ -31,3 +30,4 @@ if [[ ! -x $venv/bin/python ]]; then
 fi
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
 "$venv/bin/python" -m e2e.build
+"$venv/bin/python" -m e2e.kwok

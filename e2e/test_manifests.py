@@ -223,6 +223,9 @@ def test_service_accounts_may_do_their_job_and_little_else(api_client: kubernete
         # ... and publish the co-location plan.
         ("gpu-extender", "update", "configmaps", NAMESPACE, "gpu-extender-plan"),
         ("gpu-extender", "create", "configmaps", NAMESPACE),
+        # ... and pre-warm: the replica floor of serving Deployments, or their autoscaler's minimum.
+        ("gpu-extender", "patch", "apps:deployments", "team-a"),
+        ("gpu-extender", "patch", "autoscaling:horizontalpodautoscalers", "team-a"),
         # The second scheduler: what kube-scheduler does, plus its lease and the authentication config.
         ("gpu-scheduler", "list", "nodes", ""),
         ("gpu-scheduler", "create", "pods/binding", "team-a"),
@@ -237,6 +240,7 @@ def test_service_accounts_may_do_their_job_and_little_else(api_client: kubernete
         ("gpu-extender", "delete", "pods", "team-a"),
         ("gpu-extender", "get", "secrets", NAMESPACE),
         ("gpu-extender", "update", "nodes", ""),
+        ("gpu-extender", "delete", "apps:deployments", "team-a"),
         ("gpu-extender", "update", "configmaps", NAMESPACE, "gpu-extender-policy"),
         ("gpu-extender", "update", "configmaps", "team-a", "gpu-extender-plan"),
         ("gpu-node-agent", "list", "pods", ""),
