@@ -329,6 +329,12 @@ class ControlPlane:
         )
         return manager
 
+    def stop_component(self, handle: Component, grace_s: float = 10.0) -> None:
+        """Stop one process started beside the control plane (a controller manager, kwok) before the plane."""
+        procs.stop(handle, grace_s)
+        if handle in self.components:
+            self.components.remove(handle)
+
     def stop_scheduler(self, handle: Component, grace_s: float = 10.0) -> None:
         """Stop one scheduler started by :meth:`start_scheduler`."""
         procs.stop(handle, grace_s)

@@ -1,10 +1,8 @@
 """The co-location planner in the live extender, through the real kube-scheduler: the extender re-plans from a
 demand file every two seconds (`serve --plan`), publishes the plan in the `gpu-extender-plan` ConfigMap, and the
-serving pods that a scale-up creates land on the planned GPUs; when demand grows, the plan grows with it and the
-new replicas land on its new slots while the running ones stay where they are.
-
-Pods are created as a model's Deployment would create them (its pod template, once per replica): the harness runs
-no controller-manager. Nodes are never run, only scheduled onto.
+pods of the model Deployments (kube-controller-manager creates them) land on the planned GPUs; when demand grows,
+the plan grows with it, the Deployments scale up, and the new replicas land on its new slots while the running
+ones stay where they are. Nodes are never run, only scheduled onto.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from e2e import fleet, helpers
 from e2e.controlplane import ControlPlane
 from e2e.helpers import PodWatch, Stack, gpu_pod
 from policies.catalog import default_catalog
+from scheduler.planner.cli import dns_name
 from scheduler.podspec import ANNOTATION_GPU_MEMORY, ANNOTATION_MODEL, GPU_MILLI_RESOURCE
 
 pytestmark = pytest.mark.e2e
@@ -54,9 +53,14 @@ def system(control_plane: ControlPlane, api_client: kubernetes.client.ApiClient,
     )
     plan_args = ["--plan", "--plan-demand", str(demand_file), "--plan-interval", "2", "--plan-time-limit", "3"]
     plan_args += ["--plan-node-selector", f"{helpers.POOL_LABEL}={POOL}", "--plan-namespace", NS]
+    manager = control_plane.start_controller_manager()
     running = Stack.start(control_plane, api_client, name="plan-scheduler", extender_args=plan_args)
     yield running
     running.stop()
+    apps = kubernetes.client.AppsV1Api(api_client)
+    for d in apps.list_namespaced_deployment(NS).items:
+        apps.delete_namespaced_deployment(d.metadata.name, NS)
+    control_plane.stop_component(manager)
     helpers.delete_pods(api_client, NS)
     helpers.delete_nodes(api_client, names)
 
@@ -76,23 +80,40 @@ def published_plan(api: Any, newer_than: int = 0, timeout_s: float = 60.0) -> di
     return helpers.wait_for(read, f"a plan newer than version {newer_than}", timeout_s, 0.5)
 
 
-def replica_pods(plan: dict[str, Any], start: dict[str, int]) -> list[dict[str, Any]]:
-    """The pods a scale-up to the plan's replica counts creates, from `start` running replicas per model: each
-    model's pod template asks for a share of its busiest planned replica's load (as `gpu-extender plan` writes
-    its Deployments) and declares the model's memory from the catalog."""
+def model_deployments(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """One Deployment per planned model at the plan's replica count: its pods ask for a share of its busiest planned
+    replica's load (as `gpu-extender plan` writes its Deployments) and declare the model's memory from the
+    catalog."""
     catalog = default_catalog()
     asks: dict[str, int] = {}
     for r in plan["replicas"]:
         asks[r["model"]] = max(asks.get(r["model"], 10), -(-round(r["load"] * 1000) // 10) * 10)
-    pods = []
+    out = []
     for model, count in plan["replicas_per_model"].items():
         spec = catalog.model(model)
         assert spec is not None
+        name = dns_name(model)
         annotations = {ANNOTATION_MODEL: model, ANNOTATION_GPU_MEMORY: f"{spec.memory_mib}Mi"}
-        for i in range(start.get(model, 0), count):
-            name = f"{model.split('/')[-1].lower().replace('.', '-')}-{i}"
-            pods.append(gpu_pod(name, NS, POOL, {GPU_MILLI_RESOURCE: str(asks[model])}, annotations))
-    return pods
+        pod = gpu_pod(name, NS, POOL, {GPU_MILLI_RESOURCE: str(asks[model])}, annotations)
+        labels = {"app": name, helpers.POOL_LABEL: POOL}
+        out.append(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": name, "namespace": NS},
+                "spec": {
+                    "replicas": count,
+                    "selector": {"matchLabels": {"app": name}},
+                    "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod["spec"]},
+                },
+            }
+        )
+    return out
+
+
+def bound_serving_pods(watch: PodWatch, count: int) -> None:
+    """Wait until `count` serving pods hold an assignment."""
+    watch.wait(lambda pods: sum(helpers.assignment_of(p) is not None for p in pods.values()) >= count, f"{count} bound")
 
 
 def placed_replicas(watch: PodWatch) -> Counter[tuple[str, str, int]]:
@@ -124,15 +145,17 @@ def test_serving_pods_land_on_the_planned_gpus_and_follow_a_new_plan(system: Sta
     plan = published_plan(system.api)
     assert {r["node"] for r in plan["replicas"]} <= set(NODES), "the plan left the pool it was given"
     assert plan["gpus"] < plan["one_replica_per_gpu"], plan
+    apps = kubernetes.client.AppsV1Api(system.api)
     with PodWatch(system.api, NS) as watch:
-        pods = replica_pods(plan, {})
-        helpers.create_pods(system.api, pods)
-        watch.bound([p["metadata"]["name"] for p in pods], timeout_s=60)
+        for manifest in model_deployments(plan):
+            apps.create_namespaced_deployment(NS, manifest)
+        bound_serving_pods(watch, len(plan["replicas"]))
         assert placed_replicas(watch) == planned_replicas(plan)
         assert not declared_memory_fits(watch)
         assert not helpers.book(watch.snapshot().values()).problems
 
-        # Demand for the small model grows sevenfold: the next plan adds replicas of it and moves none that run.
+        # Demand for the small model grows sevenfold: the next plan adds replicas of it and moves none that run;
+        # the Deployments scale to it, as an autoscaler following the plan would.
         running = dict(plan["replicas_per_model"])
         write_demand(demand_file, {SMALL: 200.0, QWEN: 4.0})
         grown = helpers.wait_for(
@@ -144,9 +167,9 @@ def test_serving_pods_land_on_the_planned_gpus_and_follow_a_new_plan(system: Sta
             0.5,
         )
         assert grown["moves"] == 0, grown
-        more = replica_pods(grown, running)
-        helpers.create_pods(system.api, more)
-        watch.bound([p["metadata"]["name"] for p in more], timeout_s=60)
+        for model, count in grown["replicas_per_model"].items():
+            apps.patch_namespaced_deployment_scale(dns_name(model), NS, {"spec": {"replicas": count}})
+        bound_serving_pods(watch, len(grown["replicas"]))
         assert placed_replicas(watch) == planned_replicas(grown)
         assert not declared_memory_fits(watch)
         assert not helpers.book(watch.snapshot().values()).problems
