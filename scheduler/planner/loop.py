@@ -80,6 +80,8 @@ class PlannerLoop:
     node_selector: Mapping[str, str] = field(default_factory=dict)  # plan only the nodes with all these labels
     publish: PlanPublisher | None = None
     metrics: PlannerMetrics | None = None
+    # Whether this process may plan now: with leader election, only the leader does (followers skip their rounds).
+    active: Callable[[], bool] = lambda: True
     last_plan: Plan | None = None
     last_error: str | None = None
     _version: int = 0
@@ -103,7 +105,7 @@ class PlannerLoop:
 
     def plan_once(self) -> Plan | None:
         """One round: the new plan, published, or None (the last plan stays) with the reason in `last_error`."""
-        if not self.model.ready:
+        if not self.model.ready or not self.active():
             self._count("skipped")
             return None
         try:
