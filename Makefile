@@ -4,7 +4,7 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench fuzz
 
 setup:
 	@VENV=$(VENV) bash e2e/setup.sh
@@ -20,3 +20,7 @@ lint: setup
 
 bench: setup
 	$(PYTHON) -m e2e.bench_extender
+
+# Every verb under 10,000 malformed and odd requests (e2e/fuzz_verbs.py); prints cases per verb and status codes.
+fuzz: setup
+	$(PYTHON) -m e2e.fuzz_verbs --cases 10000

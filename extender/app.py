@@ -45,6 +45,15 @@ class BadRequest(Exception):
     pass
 
 
+MAX_ERROR_CHARS = 500
+"""An error text quotes what it refused; a refused value may be megabytes long, and a filter answer repeats its
+reason once per node."""
+
+
+def _brief(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
 def _json(payload: Any) -> Response:
     return Response(content=orjson.dumps(payload), media_type="application/json")
 
@@ -60,7 +69,7 @@ def _validate(body: bytes, model: type[WireModel]) -> WireModel:
         return model.model_validate(document)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(body)'}: {e['msg']}" for e in exc.errors())
-        raise BadRequest(f"not an {model.__name__}: {problems}") from exc
+        raise BadRequest(_brief(f"not an {model.__name__}: {problems}")) from exc
 
 
 async def _parse(request: Request, model: type[WireModel]) -> WireModel:
@@ -143,9 +152,13 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderA
             except BindError as exc:
                 log.warning("bind failed", extra={"error": str(exc)})
                 payload, outcome = on_error(str(exc)), "error"
+            except PodSpecError as exc:  # bad input, not a fault of ours: no traceback
+                reason = _brief(f"GPU extender cannot read the pod's request: {exc}")
+                log.info("%s: unreadable pod", verb, extra={"error": reason})
+                payload, outcome = on_error(reason), "error"
             except Exception as exc:  # the scheduler must get an answer, whatever broke
                 log.exception("%s failed", verb)
-                payload, outcome = on_error(f"internal error in {verb}: {type(exc).__name__}: {exc}"), "error"
+                payload, outcome = on_error(_brief(f"internal error in {verb}: {type(exc).__name__}: {exc}")), "error"
             decisions(verb, outcome).inc()
             return payload
 
@@ -161,7 +174,7 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderA
                 outcome = service.filter(args.Pod, names)
             except PodSpecError as exc:
                 # A pod we cannot read fits nowhere; preemption would not change that.
-                reason = f"GPU extender cannot read the pod's request: {exc}"
+                reason = _brief(f"GPU extender cannot read the pod's request: {exc}")
                 rejections("pod_spec").inc(len(names))
                 return filter_result([], unresolvable=dict.fromkeys(names, reason))
             for reason, count in outcome.reasons.items():
@@ -227,7 +240,12 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderA
 
         def call() -> dict[str, Any]:
             uids = {node: [p.UID for p in victims.Pods or []] for node, victims in candidates.items()}
-            kept = service.preempt(args.Pod, uids)
+            try:
+                kept = service.preempt(args.Pod, uids)
+            except PodSpecError as exc:
+                # Filter finds such a pod no node; evicting pods for it would free room it can never use.
+                log.info("preempt: unreadable pod, no victims", extra={"error": _brief(str(exc))})
+                kept = {}
             result = {
                 node: MetaVictims(
                     Pods=[MetaPod(UID=uid) for uid in victims], NumPDBViolations=candidates[node].NumPDBViolations
@@ -246,7 +264,7 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderA
         try:
             return _json({"nodes": service.explain(args.Pod, args.NodeNames)})
         except (PodSpecError, NotReadyError) as exc:
-            raise BadRequest(str(exc)) from exc
+            raise BadRequest(_brief(str(exc))) from exc
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -7,11 +7,49 @@ would cost more than the whole decision.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 JsonObject = dict[str, Any]
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # Go's int64: a larger number could not be sent back
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's type in words, never its text (which may be huge or nested a thousand levels deep)."""
+    return "null" if value is None else type(value).__name__
+
+
+def identified_pod(pod: JsonObject) -> JsonObject:
+    """Check the pod's identity fields, which every verb reads before the decision core reads the rest: a wrong
+    type there makes the body malformed (400), where a bad resource request is a pod that fits nowhere."""
+    meta = pod.get("metadata")
+    if meta is None:
+        return pod
+    if not isinstance(meta, dict):
+        raise ValueError(f"metadata must be an object, not {_kind(meta)}")
+    for key in ("name", "namespace", "uid"):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"metadata.{key} must be a string, not {_kind(value)}")
+    return pod
+
+
+def _item_names(nodes: JsonObject) -> list[str]:
+    """The names of `Nodes.items` (nodeCacheCapable: false), or ValueError naming the first item without one."""
+    items = nodes.get("items")
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise ValueError(f"Nodes.items must be a list, not {_kind(items)}")
+    names = []
+    for i, item in enumerate(items):
+        meta = item.get("metadata") if isinstance(item, dict) else None
+        name = meta.get("name") if isinstance(meta, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Nodes.items[{i}] must be a Node with a metadata.name string")
+        names.append(name)
+    return names
 
 
 class _Wire(BaseModel):
@@ -26,11 +64,18 @@ class ExtenderArgs(_Wire):
     Nodes: JsonObject | None = None
     NodeNames: list[str] | None = None
 
+    _pod = field_validator("Pod")(identified_pod)
+
+    @model_validator(mode="after")
+    def _nodes_named(self) -> ExtenderArgs:
+        if self.NodeNames is None and self.Nodes is not None:
+            _item_names(self.Nodes)  # every answer names nodes: one without a name is a malformed body
+        return self
+
     def node_names(self) -> list[str]:
         if self.NodeNames is not None:
             return self.NodeNames
-        items = (self.Nodes or {}).get("items") or []
-        return [item.get("metadata", {}).get("name", "") for item in items if isinstance(item, dict)]
+        return _item_names(self.Nodes or {})
 
 
 class ExtenderFilterResult(_Wire):
@@ -79,15 +124,22 @@ class MetaPod(_Wire):
 
 class MetaVictims(_Wire):
     Pods: list[MetaPod] | None = None
-    NumPDBViolations: int = 0
+    NumPDBViolations: Int64 = 0
 
 
 class Victims(_Wire):
     Pods: list[JsonObject] | None = None
-    NumPDBViolations: int = 0
+    NumPDBViolations: Int64 = 0
+
+    @field_validator("Pods")
+    @classmethod
+    def _identified(cls, pods: list[JsonObject] | None) -> list[JsonObject] | None:
+        for pod in pods or ():
+            identified_pod(pod)
+        return pods
 
     def meta(self) -> MetaVictims:
-        uids = [MetaPod(UID=str(p.get("metadata", {}).get("uid", ""))) for p in self.Pods or []]
+        uids = [MetaPod(UID=(p.get("metadata") or {}).get("uid") or "") for p in self.Pods or []]
         return MetaVictims(Pods=uids, NumPDBViolations=self.NumPDBViolations)
 
 
@@ -95,6 +147,8 @@ class ExtenderPreemptionArgs(_Wire):
     Pod: JsonObject
     NodeNameToVictims: dict[str, Victims] | None = None
     NodeNameToMetaVictims: dict[str, MetaVictims] | None = None
+
+    _pod = field_validator("Pod")(identified_pod)
 
     def candidates(self) -> dict[str, MetaVictims]:
         if self.NodeNameToMetaVictims is not None:

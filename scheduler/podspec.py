@@ -17,7 +17,7 @@ import orjson
 from policies.demand import Demand, LatencyClass, model_allowed
 from policies.inventory import MILLI_PER_GPU
 from policies.mig import MIG_TABLES, find_profile
-from scheduler.quantity import NANO, to_nano
+from scheduler.quantity import NANO, shown, to_nano
 
 __all__ = [
     "ANNOTATION_GPU_MEMORY",
@@ -51,6 +51,10 @@ ANNOTATION_EXPECTED_BUSY = "gpu-extender.io/expected-busy"
 _HOST_RESOURCES = ("cpu", "memory")
 _NANO_MILLI = NANO // 1000
 _NANO_MIB = NANO << 20
+MAX_NANO = (2**63 - 1) * 10**6
+"""The largest request the extender reads (nano-units): 2^63-1 thousandths, the most kube-scheduler's own int64
+accounting can count. A larger one could still be written (the quantity grammar has no bound) and would overflow
+the decision's integer and float arithmetic."""
 
 
 class PodSpecError(ValueError):
@@ -165,6 +169,9 @@ def effective_requests(pod: dict[str, Any]) -> dict[str, int]:
         total.update({name: level[name] for name in _HOST_RESOURCES if name in level})
     if spec.get("overhead"):
         _add(total, _resource_list(spec["overhead"], "spec.overhead"))
+    for name, value in total.items():
+        if value > MAX_NANO:  # each part was in range, their sum is not
+            raise PodSpecError(f"the pod's total {name} request is beyond what any node can hold")
     return total
 
 
@@ -213,9 +220,11 @@ def _selector_models(spec: dict[str, Any]) -> frozenset[str] | None:
     allowed: frozenset[str] | None = None
     selector = spec.get("nodeSelector")
     if isinstance(selector, dict) and selector.get(GPU_PRODUCT_LABEL):
-        allowed = frozenset([str(selector[GPU_PRODUCT_LABEL])])
+        allowed = frozenset([_label_value(selector[GPU_PRODUCT_LABEL], f"spec.nodeSelector[{GPU_PRODUCT_LABEL}]")])
     required = _path(spec, "affinity", "nodeAffinity", "requiredDuringSchedulingIgnoredDuringExecution")
     terms = _path(required, "nodeSelectorTerms") or []
+    if not isinstance(terms, list):
+        raise PodSpecError("spec.affinity.nodeAffinity...nodeSelectorTerms must be a list")
     from_terms: set[str] = set()
     for term in terms:
         values = _term_models(term)
@@ -240,11 +249,24 @@ def _term_models(term: Any) -> frozenset[str] | None:
     if not isinstance(term, dict):
         return None
     result: frozenset[str] | None = None
-    for expr in term.get("matchExpressions") or []:
+    expressions = term.get("matchExpressions") or []
+    if not isinstance(expressions, list):
+        raise PodSpecError("a nodeSelectorTerm's matchExpressions must be a list")
+    for expr in expressions:
         if isinstance(expr, dict) and expr.get("key") == GPU_PRODUCT_LABEL and expr.get("operator") == "In":
-            values = frozenset(str(v) for v in expr.get("values") or [])
+            listed = expr.get("values") or []
+            if not isinstance(listed, list):
+                raise PodSpecError(f"matchExpressions on {GPU_PRODUCT_LABEL}: values must be a list of strings")
+            values = frozenset(_label_value(v, f"matchExpressions on {GPU_PRODUCT_LABEL}") for v in listed)
             result = values if result is None else result & values
     return result
+
+
+def _label_value(value: Any, where: str) -> str:
+    """A label value as the pod wrote it; anything but a string is refused, not turned into text."""
+    if not isinstance(value, str):
+        raise PodSpecError(f"{where}: a label value must be a string, not {type(value).__name__}")
+    return value
 
 
 def _allowed_models(spec: dict[str, Any], annotations: dict[str, str]) -> frozenset[str]:
@@ -281,7 +303,9 @@ def _non_negative(quantity: Any, where: str) -> int:
     except ValueError as exc:
         raise PodSpecError(f"{where}: {exc}") from None
     if number < 0:
-        raise PodSpecError(f"{where}: {quantity!r} must not be negative")
+        raise PodSpecError(f"{where}: {shown(quantity)} must not be negative")
+    if number > MAX_NANO:
+        raise PodSpecError(f"{where}: {shown(quantity)} is beyond what any node can hold")
     return number
 
 
@@ -303,7 +327,7 @@ def _latency(annotations: dict[str, str]) -> LatencyClass:
         return LatencyClass(text.strip().lower())
     except ValueError:
         choices = ", ".join(c.value for c in LatencyClass)
-        raise PodSpecError(f"annotation {ANNOTATION_LATENCY_CLASS}: {text!r} is not one of {choices}") from None
+        raise PodSpecError(f"annotation {ANNOTATION_LATENCY_CLASS}: {shown(text)} is not one of {choices}") from None
 
 
 def _expected_busy(annotations: dict[str, str]) -> float | None:
@@ -315,7 +339,7 @@ def _expected_busy(annotations: dict[str, str]) -> float | None:
     except ValueError:
         value = math.nan
     if not 0.0 <= value <= 1.0:  # also refuses NaN
-        raise PodSpecError(f"annotation {ANNOTATION_EXPECTED_BUSY}: {text!r} is not a busy fraction from 0 to 1")
+        raise PodSpecError(f"annotation {ANNOTATION_EXPECTED_BUSY}: {shown(text)} is not a busy fraction from 0 to 1")
     return value
 
 

@@ -12,7 +12,7 @@ import re
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 from functools import lru_cache
 
-__all__ = ["NANO", "parse_quantity", "to_count", "to_mib", "to_milli", "to_nano"]
+__all__ = ["NANO", "parse_quantity", "shown", "to_count", "to_mib", "to_milli", "to_nano"]
 
 _PATTERN = re.compile(
     r"(?P<number>[+-]?(?:\d+\.?\d*|\.\d+))"
@@ -21,10 +21,20 @@ _PATTERN = re.compile(
 _BINARY = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5, "Ei": 6}
 _DECIMAL = {"n": -9, "u": -6, "m": -3, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
 _MAX_EXPONENT = 30  # beyond any real resource; keeps `1e999999999` from turning into a huge integer
+_MAX_CHARS = 64  # the same for digits: a million of them overflow `Decimal`'s exponent range once scaled
 _MIB = Decimal(1 << 20)
 NANO = 10**9
 """Units per base unit in `to_nano`: the API server keeps quantities to nine decimals, rounding up."""
 _LIMIT = Decimal(2**63 - 1)
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """A refused value as an error text quotes it: a short repr of a scalar, the type of anything else (a list
+    nested a thousand levels deep has no repr, and a megabyte string has no place in a message)."""
+    if not isinstance(value, str | int | float | Decimal):
+        return f"a {type(value).__name__}"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
 def parse_quantity(value: str | int | float | Decimal) -> Decimal:
@@ -41,16 +51,20 @@ def parse_quantity(value: str | int | float | Decimal) -> Decimal:
     if isinstance(value, float):
         value = repr(value)
     if not isinstance(value, str):
-        raise ValueError(f"invalid quantity {value!r}: expected a string such as '500m' or '4Gi'")
+        raise ValueError(f"invalid quantity {shown(value)}: expected a string such as '500m' or '4Gi'")
     return _parse_text(value)
 
 
 @lru_cache(maxsize=4096)
 def _parse_text(value: str) -> Decimal:
     """Cached: a cluster's pods repeat a handful of quantity strings, and the watch parses every one."""
+    if len(value) > _MAX_CHARS:
+        raise ValueError(f"invalid quantity {shown(value)}: longer than {_MAX_CHARS} characters")
     match = _PATTERN.fullmatch(value)
     if match is None:
-        raise ValueError(f"invalid quantity {value!r}: expected a number with an optional suffix (m, k, Mi, Gi, e3)")
+        raise ValueError(
+            f"invalid quantity {shown(value)}: expected a number with an optional suffix (m, k, Mi, Gi, e3)"
+        )
     try:
         number = Decimal(match["number"])
     except InvalidOperation as exc:  # pragma: no cover - the pattern admits only valid decimals

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from itertools import compress
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from policies.plan_targets import PlanTargets
 from policies.reuse import EvaluationCache
 from policies.state import ClusterSnapshot, ClusterState, ConflictError
 from scheduler.annotations import assignment_annotations
+from scheduler.binder import BindError  # one class: a binder's refusal is a bind error like the service's own
 from scheduler.model import ClusterModel, ModelView
 from scheduler.podspec import cached_demand
 from scheduler.telemetry import RecentBindings
@@ -39,10 +41,6 @@ UNKNOWN_NODE = "node is not in the GPU extender's inventory (no GPU data yet)"
 
 class NotReadyError(RuntimeError):
     """The cluster view is not complete yet; answering now could double-book."""
-
-
-class BindError(RuntimeError):
-    """A binding that did not happen; the scheduler will retry the pod."""
 
 
 class Binder(Protocol):
@@ -197,6 +195,41 @@ def pod_uid(pod: Mapping[str, Any]) -> str:
     return str(metadata.get("uid") or f"{metadata.get('namespace', 'default')}/{metadata.get('name', '')}")
 
 
+def _nominated_node(pod: Mapping[str, Any]) -> str:
+    status = pod.get("status")
+    node = status.get("nominatedNodeName") if isinstance(status, dict) else None
+    return node if isinstance(node, str) else ""
+
+
+class Evictions:
+    """The victims each preemptor was last granted, per node, for a while.
+
+    kube-scheduler nominates the pod to one of those nodes and deletes the victims there, then tries the pod again
+    as soon as it sees them deleted. Our watch may show the deletion a few milliseconds later: filter then still
+    finds the node full, and kube-scheduler, seeing nothing terminating there, preempts again on another node. A
+    preemptor whose nominated node holds it once its granted victims are gone therefore gets no new victims.
+    """
+
+    def __init__(self, ttl_s: float = 30.0, size: int = 1024, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl_s, self._size, self._clock = ttl_s, size, clock
+        self._granted: OrderedDict[str, tuple[float, dict[str, list[str]]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def grant(self, uid: str, victims: dict[str, list[str]]) -> None:
+        with self._lock:
+            self._granted[uid] = (self._clock() + self._ttl_s, victims)
+            self._granted.move_to_end(uid)
+            while len(self._granted) > self._size:
+                self._granted.popitem(last=False)
+
+    def granted(self, uid: str, node: str) -> list[str] | None:
+        with self._lock:
+            entry = self._granted.get(uid)
+        if entry is None or entry[0] < self._clock():
+            return None
+        return entry[1].get(node)
+
+
 class PlacementService:
     def __init__(
         self, model: ClusterModel, binder: Binder, confirm_on_bind: bool = False, demand_cache_size: int = 20_000
@@ -213,6 +246,7 @@ class PlacementService:
         self._rows = RowLookup()
         self.evaluations = EvaluationCache()
         self._reuse_basis: tuple[object, ...] = (None, None, None, None)
+        self.evictions = Evictions()
 
     # -- read-only verbs ---------------------------------------------------------------------------------
     def demand(self, pod: Mapping[str, Any]) -> Demand:
@@ -477,13 +511,26 @@ class PlacementService:
     def preempt(self, pod: Mapping[str, Any], candidates: Mapping[str, list[str]]) -> dict[str, list[str]]:
         """Keep the nodes where evicting the proposed victims really frees what the pod needs on one GPU set,
         and drop victims whose GPUs the pod would not use. Victims unknown to us are kept (the scheduler chose
-        them for CPU or memory)."""
+        them for CPU or memory). A node where the pod fits with no victim at all is dropped, not answered with
+        none: kube-scheduler fails the whole preemption on a node without victims ("expected at least one
+        victim pod"), and the pod fits there on its next attempt anyway. So does a pod already nominated to a node
+        that holds it once the victims granted there are gone (`Evictions`)."""
         if not self.model.ready:
             raise NotReadyError("the GPU extender's cluster view is not ready yet")
         demand = self.demand(pod)
         view = self.model.view()
         snapshot = view.snapshot
         assignments = self.model.assignments()
+        uid = pod_uid(pod)
+        assignments.pop(uid, None)  # what the pod itself holds is no obstacle to it
+        nominated = _nominated_node(pod)
+        earlier = self.evictions.granted(uid, nominated) if nominated in snapshot.index else None
+        if earlier is not None:
+            on_node = {k: a for k, a in assignments.items() if a.node == nominated}
+            inventory = snapshot.inventories[snapshot.index[nominated]]
+            if self._fits_without(view, inventory, on_node, [v for v in earlier if v in on_node], demand):
+                log.info("preemption already under way", extra={"pod": uid, "node": nominated})
+                return {}
         result: dict[str, list[str]] = {}
         for node, victims in candidates.items():
             if node not in snapshot.index:
@@ -497,7 +544,11 @@ class PlacementService:
                 trial = [v for v in needed if v != victim]
                 if self._fits_without(view, snapshot.inventories[snapshot.index[node]], on_node, trial, demand):
                     needed = trial
-            result[node] = [v for v in victims if v not in on_node or v in needed]
+            kept = [v for v in victims if v not in on_node or v in needed]
+            if kept:
+                result[node] = kept
+        if result:
+            self.evictions.grant(uid, result)
         return result
 
     def _fits_without(
