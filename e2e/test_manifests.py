@@ -86,6 +86,7 @@ def test_base_renders_what_the_files_say(rendered: dict[tuple[str, str], dict[st
         "DaemonSet",
         "Deployment",
         "Namespace",
+        "PriorityClass",
         "Role",
         "RoleBinding",
         "Service",
@@ -94,7 +95,8 @@ def test_base_renders_what_the_files_say(rendered: dict[tuple[str, str], dict[st
     # kube-scheduler reads its authentication config from kube-system: this binding must stay there.
     assert rendered["RoleBinding", "gpu-scheduler-auth-reader"]["metadata"]["namespace"] == "kube-system"
     for (kind, name), obj in rendered.items():
-        if kind not in ("Namespace", "ClusterRole", "ClusterRoleBinding") and name != "gpu-scheduler-auth-reader":
+        cluster_scoped = ("Namespace", "ClusterRole", "ClusterRoleBinding", "PriorityClass")
+        if kind not in cluster_scoped and name != "gpu-scheduler-auth-reader":
             assert obj["metadata"].get("namespace") == NAMESPACE, (kind, name)
 
     # The generated ConfigMaps carry the shipped files verbatim, under stable names (reloaded in place).

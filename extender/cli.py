@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     from scheduler.planner.serve import add_arguments as add_planner_arguments
 
     add_planner_arguments(serve)
+    from scheduler.prewarm.serve import add_arguments as add_prewarm_arguments
+
+    add_prewarm_arguments(serve)
     serve.set_defaults(func=_serve)
 
     simulate = sub.add_parser("simulate", help="replay a trace through the placement policies")

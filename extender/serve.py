@@ -18,6 +18,7 @@ from policies.config import PlacementPolicy, PolicyError
 from scheduler.model import ClusterModel
 from scheduler.planner.serve import PlannerConfigError, planner_from_args
 from scheduler.policy_reload import PolicyReloader
+from scheduler.prewarm.serve import PrewarmConfigError, prewarmer_from_args
 from scheduler.service import PlacementService
 from scheduler.telemetry import TelemetryStore, config_from_args
 from scheduler.watch import ClusterWatcher
@@ -111,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
     metrics = ExtenderMetrics(service.model, watch_stats=watcher.stats if watcher else None)
     try:
         planner = planner_from_args(args, service.model, metrics.registry, api_client)
-    except PlannerConfigError as exc:
-        log.error("cannot start the planner", extra={"error": str(exc)})
+        prewarmer = prewarmer_from_args(args, metrics.registry, api_client)
+    except (PlannerConfigError, PrewarmConfigError) as exc:
+        log.error("cannot start a background loop", extra={"error": str(exc)})
         return 2
     telemetry_config = config_from_args(args)
     telemetry = None
@@ -129,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
         reloader.start(apply=service.model.set_policy, report=report)
     stop = threading.Event()
     threading.Thread(target=_housekeeping, args=(service.model, stop), daemon=True, name="housekeeping").start()
-    if planner is not None:
-        planner.start()
+    for loop in (planner, prewarmer):
+        if loop is not None:
+            loop.start()
     app = create_app(service, metrics)
     # Everything built so far lives as long as the process: keep the collector from rescanning it on every pass.
     gc.collect()
@@ -168,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
             watcher.stop()
         if telemetry is not None:
             telemetry.stop()
-        if planner is not None:
-            planner.stop()
+        for loop in (planner, prewarmer):
+            if loop is not None:
+                loop.stop()
     return 0

@@ -145,7 +145,7 @@ def _history_by_model(series: Iterable[Series], step_s: float) -> dict[str, np.n
 # --- request traces ----------------------------------------------------------------------------------------------
 
 
-def _timestamp(text: str) -> float:
+def parse_timestamp(text: str) -> float:
     """Unix seconds, or an ISO 8601 time (UTC when it names no zone)."""
     try:
         value = float(text)
@@ -180,7 +180,7 @@ def _read_arrivals(path: str | os.PathLike[str]) -> dict[str, list[float]]:
             if not model:
                 raise ValueError(f"{where}: the model is empty")
             try:
-                ts = _timestamp(cells.get("timestamp", ""))
+                ts = parse_timestamp(cells.get("timestamp", ""))
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from None
             service = cells.get("service_time", "")

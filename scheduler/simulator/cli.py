@@ -4,6 +4,7 @@ Examples:
   gpu-extender simulate --nodes openb_node_list_gpu_node.csv --pods openb_pod_list_default.csv \\
       --policy random,best-fit,fgd,default --seeds 10 --jobs 2 --out results/
   gpu-extender simulate --mig --policy first-fit,default --seeds 5 --out results-mig/
+  gpu-extender simulate --cold-starts --requests lora_request_trace.csv [--sleep] --out results-coldstarts/
 """
 
 from __future__ import annotations
@@ -90,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true", help="check every reused evaluation against a full one")
     parser.add_argument("--mig", action="store_true", help="run the MIG scenario instead of a trace")
     parser.add_argument("--mig-nodes", type=int, default=64, help="H100 nodes (8 GPUs each) in the MIG scenario")
+    parser.add_argument(
+        "--cold-starts", action="store_true", help="replay a request trace through the pre-warming policies instead"
+    )
+    from scheduler.simulator import coldstart_cli
+
+    coldstart_cli.add_arguments(parser)
 
 
 def _policies(args: argparse.Namespace, default: list[str]) -> list[str]:
@@ -148,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
         write_summary,
     )
 
+    if args.cold_starts:
+        from scheduler.simulator import coldstart_cli
+
+        return coldstart_cli.run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.mig:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -89,11 +90,11 @@ def run_task(task: Task) -> RunResult:
 class Progress:
     """One status line (rewritten in place on a terminal, every few seconds otherwise)."""
 
-    def __init__(self, total: int, stream=sys.stderr, enabled: bool = True) -> None:
+    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True) -> None:
         self.total = total
         self.done = 0
         self.started = time.monotonic()
-        self.stream = stream
+        self.stream = stream or sys.stderr  # looked up now: a default bound at import outlives a replaced stderr
         self.enabled = enabled
         self.tty = getattr(stream, "isatty", lambda: False)()
         self._last = 0.0
