@@ -123,3 +123,39 @@ def test_an_unreachable_replica_is_skipped(floor: _Floor) -> None:
     loop = PrewarmLoop(None, FixedKeepAlive(60.0), lambda now: {})
     d = deployment(sleep_level=1, pods=(Replica("gone", True, "http://127.0.0.1:9"),), replicas=1)
     assert loop._act(d, warm_decision(None, False, 0.0, 2.0)) == []
+
+
+def test_placeholders_ask_what_a_replica_asks_at_the_lowest_priority() -> None:
+    from kubernetes import client
+
+    from scheduler.prewarm.placeholders import PLACEHOLDER_FOR, PRIORITY_CLASS, placeholder_manifest
+
+    container = client.V1Container(
+        name="vllm",
+        image="vllm/vllm-openai",
+        resources=client.V1ResourceRequirements(limits={"nvidia.com/gpu": "1"}, requests={"cpu": "4"}),
+    )
+    serving = client.V1Deployment(
+        metadata=client.V1ObjectMeta(name="small", namespace="serving"),
+        spec=client.V1DeploymentSpec(
+            selector=client.V1LabelSelector(match_labels={"app": "small"}),
+            template=client.V1PodTemplateSpec(
+                metadata=client.V1ObjectMeta(labels={"app": "small"}, annotations={"gpu-extender.io/model": MODEL}),
+                spec=client.V1PodSpec(
+                    containers=[container], scheduler_name="gpu-scheduler", node_selector={"pool": "serving"}
+                ),
+            ),
+        ),
+    )
+    manifest = placeholder_manifest(serving, 2)
+    template = manifest["spec"]["template"]
+    assert manifest["metadata"]["name"] == "small-placeholder" and manifest["spec"]["replicas"] == 2
+    # Its pods are not the serving Deployment's: another selector, so neither ReplicaSet adopts the other's pods.
+    assert manifest["spec"]["selector"]["matchLabels"] == {PLACEHOLDER_FOR: "small"}
+    assert "app" not in template["metadata"]["labels"]
+    spec = template["spec"]
+    assert spec["priorityClassName"] == PRIORITY_CLASS and spec["schedulerName"] == "gpu-scheduler"
+    assert spec["nodeSelector"] == {"pool": "serving"}
+    (pause,) = spec["containers"]
+    assert pause["resources"] == {"requests": {"cpu": "4"}, "limits": {"nvidia.com/gpu": "1"}}
+    assert template["metadata"]["annotations"] == {"gpu-extender.io/model": MODEL}
