@@ -27,8 +27,10 @@ from e2e.controlplane import ControlPlane
 from e2e.helpers import POOL_LABEL, Stack
 from e2e.kwok import MANAGED_LABEL, READY_DELAY, READY_JITTER, start_kwok
 from scheduler.annotations import GPU_INVENTORY, GpuDoc, NodeInventoryDoc
+from scheduler.kubeapi import read_json
 from scheduler.podspec import ANNOTATION_GPU_MEMORY, ANNOTATION_MODEL, GPU_MILLI_RESOURCE
-from scheduler.prewarm.cluster import PREWARM_LABEL, RAISED_FROM
+from scheduler.prewarm.cluster import PLACEHOLDERS, PREWARM_LABEL, RAISED_FROM
+from scheduler.prewarm.placeholders import PLACEHOLDER_FOR
 
 pytestmark = pytest.mark.e2e
 
@@ -37,6 +39,7 @@ POOL = "prewarm"
 H100 = "NVIDIA-H100-80GB-HBM3"
 SMALL = "meta-llama/Llama-3.2-1B-Instruct"
 QWEN = "Qwen/Qwen2.5-7B-Instruct"
+GEMMA = "google/gemma-2-9b-it"
 CACHED = ("prewarm-0", "prewarm-1")  # nodes whose disks hold SMALL's weights
 NODES = (*CACHED, "prewarm-2")
 PERIOD_S, SERVICE_S, BIN_S, COLD_START = 40.0, 2.0, 10.0, "4s"
@@ -90,7 +93,7 @@ def system(
     helpers.delete_nodes(api_client, names)
 
 
-def deployment(name: str, model: str) -> dict[str, Any]:
+def deployment(name: str, model: str, resources: dict[str, str] | None = None, placeholders: int = 0) -> dict[str, Any]:
     """A serving Deployment at zero replicas that opts in to pre-warming; its pods start in `COLD_START`."""
     template_annotations = {
         ANNOTATION_MODEL: model,
@@ -98,12 +101,17 @@ def deployment(name: str, model: str) -> dict[str, Any]:
         READY_DELAY: COLD_START,
         READY_JITTER: "0s",
     }
-    pod = helpers.gpu_pod(name, NS, POOL, {GPU_MILLI_RESOURCE: "300"}, template_annotations)
+    pod = helpers.gpu_pod(name, NS, POOL, resources or {GPU_MILLI_RESOURCE: "300"}, template_annotations)
     labels = {"app": name, POOL_LABEL: POOL}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": name, "namespace": NS, "labels": {PREWARM_LABEL: "enabled"}},
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "labels": {PREWARM_LABEL: "enabled"},
+            "annotations": {PLACEHOLDERS: str(placeholders)} if placeholders else {},
+        },
         "spec": {
             "replicas": 0,
             "selector": {"matchLabels": {"app": name}},
@@ -126,6 +134,19 @@ def periodic_history(path: Path, model: str, last_end: float) -> None:
 def replicas(api: Any, name: str) -> tuple[int, dict[str, str]]:
     d = kubernetes.client.AppsV1Api(api).read_namespaced_deployment(name, NS)
     return d.spec.replicas or 0, d.metadata.annotations or {}
+
+
+def raw_pods(api: Any) -> list[dict[str, Any]]:
+    """The namespace's pods as the API server writes them (what `helpers.book` reads)."""
+    return list(read_json(api, "GET", f"/api/v1/namespaces/{NS}/pods")["items"])
+
+
+def remove_deployment(api: Any, name: str) -> None:
+    """Scale to zero, then delete (the harness's controller manager runs no garbage collector)."""
+    apps = kubernetes.client.AppsV1Api(api)
+    apps.patch_namespaced_deployment_scale(name, NS, {"spec": {"replicas": 0}})
+    helpers.wait_for(lambda: not model_pods(api, name) or None, f"the pods of {name} gone", 60)
+    apps.delete_namespaced_deployment(name, NS)
 
 
 def model_pods(api: Any, name: str) -> list[Any]:
@@ -184,6 +205,7 @@ def test_a_forecast_burst_finds_a_warm_replica_on_a_node_with_the_weights(system
         assert not overlaps, f"replicas loaded at once on {node}: {overlaps}"
     metrics = system.extender.metrics()
     assert metrics['gpu_extender_prewarm_actions_total{action="raise_floor",reason="forecast window"}'] >= 1
+    remove_deployment(api, "small")
 
 
 def test_a_forecast_that_does_not_come_true_gives_the_capacity_back(system: Stack, request_log: Path) -> None:
@@ -202,3 +224,53 @@ def test_a_forecast_that_does_not_come_true_gives_the_capacity_back(system: Stac
     helpers.wait_for(lambda: not model_pods(api, "qwen") or None, "the replica gone", 30)
     metrics = system.extender.metrics()
     assert metrics['gpu_extender_prewarm_actions_total{action="release_floor",reason="idle"}'] >= 1
+    remove_deployment(api, "qwen")
+
+
+def test_a_placeholder_holds_room_that_the_next_replica_preempts(system: Stack, request_log: Path) -> None:
+    """With one placeholder, the window starts a replica and holds a GPU for the next; other pods then fill the
+    pool, and the replica the burst adds evicts the placeholder, not them, and takes its GPU."""
+    api = system.api
+    core, apps = kubernetes.client.CoreV1Api(api), kubernetes.client.AppsV1Api(api)
+    priority = yaml.safe_load((stack.REPO / "manifests" / "base" / "priority-placeholder.yaml").read_text())
+    kubernetes.client.SchedulingV1Api(api).create_priority_class(priority)
+    apps.create_namespaced_deployment(NS, deployment("gemma", GEMMA, {"nvidia.com/gpu": "1"}, placeholders=1))
+    idle_since = time.time() - 5.0
+    periodic_history(request_log, GEMMA, idle_since)
+
+    def held() -> tuple[Any, Any] | None:
+        replicas_now = [p for p in model_pods(api, "gemma") if p.spec.node_name]
+        holders = [p for p in core.list_namespaced_pod(NS, label_selector=f"{PLACEHOLDER_FOR}=gemma").items]
+        bound = [p for p in holders if p.spec.node_name]
+        return (replicas_now[0], bound[0]) if len(replicas_now) == 1 and len(bound) == 1 else None
+
+    first, placeholder = helpers.wait_for(held, "the floor raised and a placeholder bound", 40)
+    taken = helpers.book(raw_pods(api)).whole
+    free = len(NODES) * 2 - sum(len(holders) for holders in taken.values())
+    fillers = [helpers.gpu_pod(f"filler-{i}", NS, POOL, {"nvidia.com/gpu": "1"}) for i in range(free)]
+    helpers.create_pods(api, fillers)
+    names = {f["metadata"]["name"] for f in fillers}
+    helpers.wait_for(
+        lambda: all(p.spec.node_name for p in core.list_namespaced_pod(NS).items if p.metadata.name in names) or None,
+        "the fillers bound",
+        40,
+    )
+
+    apps.patch_namespaced_deployment_scale("gemma", NS, {"spec": {"replicas": 2}})
+    second = helpers.wait_for(
+        lambda: (
+            [p for p in model_pods(api, "gemma") if p.spec.node_name and p.metadata.name != first.metadata.name] or None
+        ),
+        "the second replica bound",
+        60,
+    )[0]
+    assert second.spec.node_name == placeholder.spec.node_name, "the replica did not take the placeholder's room"
+    gone = helpers.wait_for(
+        lambda: all(p.metadata.uid != placeholder.metadata.uid for p in core.list_namespaced_pod(NS).items) or None,
+        "the placeholder preempted",
+        30,
+    )
+    assert gone
+    still = {p.metadata.name for p in core.list_namespaced_pod(NS).items if p.spec.node_name}
+    assert names <= still, "a filler was evicted instead of the placeholder"
+    assert not helpers.book(raw_pods(api)).problems
