@@ -201,6 +201,28 @@ def build_kubernetes(out: Path, version: str, log: Log = _stderr) -> None:
             os.replace(Path(tmp) / name, out / name)
 
 
+def go_install(package: str, out: Path, what: str, log: Log = _stderr) -> Path:
+    """`go install package@version` into ``out`` (a pinned tool from the module proxy); the binary's path."""
+    parts = package.split("@", 1)[0].split("/")
+    binary = out / (parts[-2] if re.fullmatch(r"v\d+", parts[-1]) else parts[-1])  # as go names it: not "v5"
+    if _executable(binary):
+        return binary
+    go = find_go(log)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"building {what} with {go} (first run only)")
+    env = dict(_go_env(go), GOBIN=str(out))
+    proc = subprocess.run(
+        [str(go), "install", "-trimpath", "-ldflags=-s -w", package],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0 or not _executable(binary):
+        raise BuildError(f"building {what} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return binary
+
+
 def _system_etcd() -> Path | None:
     for candidate in (shutil.which("etcd"), "/usr/bin/etcd"):
         if candidate and _executable(Path(candidate)):

