@@ -86,6 +86,7 @@ def test_base_renders_what_the_files_say(rendered: dict[tuple[str, str], dict[st
         "DaemonSet",
         "Deployment",
         "Namespace",
+        "PodDisruptionBudget",
         "PriorityClass",
         "Role",
         "RoleBinding",
@@ -112,6 +113,7 @@ def test_base_renders_what_the_files_say(rendered: dict[tuple[str, str], dict[st
     mount = extender["containers"][0]["volumeMounts"][0]["mountPath"]
     assert args[args.index("--policy") + 1] == f"{mount}/policy.yaml"
     assert extender["volumes"][0]["configMap"]["name"] == "gpu-extender-policy"
+    _check_leader_election(rendered)
     sched = rendered["Deployment", "gpu-scheduler"]["spec"]["template"]["spec"]
     mount = sched["containers"][0]["volumeMounts"][0]["mountPath"]
     assert f"--config={mount}/kube-scheduler-config.yaml" in sched["containers"][0]["command"]
@@ -129,6 +131,30 @@ def test_base_renders_what_the_files_say(rendered: dict[tuple[str, str], dict[st
     assert extender_cfg["urlPrefix"] == f"http://gpu-extender.{NAMESPACE}.svc:{port}"
     assert "managedResources" not in extender_cfg
     assert config["leaderElection"]["resourceNamespace"] == NAMESPACE
+
+
+def _check_leader_election(rendered: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Two replicas elect a leader on the Lease their Role names; the Service selects the leader's label; the
+    budget keeps one replica through voluntary disruptions, which a readiness shared by both replicas allows."""
+    from scheduler.leader import LEADER_LABEL
+
+    deployment = rendered["Deployment", "gpu-extender"]["spec"]
+    pod = deployment["template"]
+    container = pod["spec"]["containers"][0]
+    args = container["args"]
+    assert deployment["replicas"] == 2 and "--leader-elect" in args
+    lease = args[args.index("--leader-elect-name") + 1]
+    assert args[args.index("--leader-elect-pod") + 1] == "$(POD_NAMESPACE)/$(POD_NAME)"
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    rules = rendered["Role", "gpu-extender-leader"]["rules"]
+    assert any(lease in r.get("resourceNames", []) and "update" in r["verbs"] for r in rules)
+    selector = rendered["Service", "gpu-extender"]["spec"]["selector"]
+    assert selector == {**pod["metadata"]["labels"], LEADER_LABEL: "true"}
+    budget = rendered["PodDisruptionBudget", "gpu-extender"]["spec"]
+    assert budget["minAvailable"] == 1
+    assert budget["selector"]["matchLabels"] == deployment["selector"]["matchLabels"]
 
 
 def test_overlays_render() -> None:
@@ -228,6 +254,12 @@ def test_service_accounts_may_do_their_job_and_little_else(api_client: kubernete
         # ... and pre-warm: the replica floor of serving Deployments, or their autoscaler's minimum.
         ("gpu-extender", "patch", "apps:deployments", "team-a"),
         ("gpu-extender", "patch", "autoscaling:horizontalpodautoscalers", "team-a"),
+        # ... and lead: its Lease, and the label on its own pod that the Service selects.
+        ("gpu-extender", "create", "coordination.k8s.io:leases", NAMESPACE),
+        ("gpu-extender", "get", "coordination.k8s.io:leases", NAMESPACE, "gpu-extender"),
+        ("gpu-extender", "update", "coordination.k8s.io:leases", NAMESPACE, "gpu-extender"),
+        ("gpu-extender", "list", "pods", NAMESPACE),
+        ("gpu-extender", "patch", "pods", NAMESPACE),
         # The second scheduler: what kube-scheduler does, plus its lease and the authentication config.
         ("gpu-scheduler", "list", "nodes", ""),
         ("gpu-scheduler", "create", "pods/binding", "team-a"),
@@ -245,6 +277,11 @@ def test_service_accounts_may_do_their_job_and_little_else(api_client: kubernete
         ("gpu-extender", "delete", "apps:deployments", "team-a"),
         ("gpu-extender", "update", "configmaps", NAMESPACE, "gpu-extender-policy"),
         ("gpu-extender", "update", "configmaps", "team-a", "gpu-extender-plan"),
+        # Another component's Lease (the second scheduler's), a Lease elsewhere, or deleting its own.
+        ("gpu-extender", "update", "coordination.k8s.io:leases", NAMESPACE, "gpu-scheduler"),
+        ("gpu-extender", "update", "coordination.k8s.io:leases", "kube-system", "gpu-extender"),
+        ("gpu-extender", "delete", "coordination.k8s.io:leases", NAMESPACE, "gpu-extender"),
+        ("gpu-extender", "get", "coordination.k8s.io:leases", "team-a", "gpu-extender"),
         ("gpu-node-agent", "list", "pods", ""),
         ("gpu-node-agent", "get", "secrets", NAMESPACE),
     ]

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     from scheduler.prewarm.serve import add_arguments as add_prewarm_arguments
 
     add_prewarm_arguments(serve)
+    from scheduler.leader import add_arguments as add_leader_arguments
+
+    add_leader_arguments(serve)
     serve.set_defaults(func=_serve)
 
     simulate = sub.add_parser("simulate", help="replay a trace through the placement policies")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from extender.waste import WasteAccountant
 from policies.fragmentation import cpu_stranding, node_fragmentation
 from policies.state import ClusterSnapshot
 from scheduler.model import ClusterModel
@@ -130,8 +131,15 @@ class WatchCollector(Collector):
 
 
 class ExtenderMetrics:
+    """Every metric of the extender in one registry. `waste.tick()` integrates the fleet's GPU-seconds by state;
+    the housekeeping thread calls it (`namespace_of` names the namespace of a pod the model keys by UID)."""
+
     def __init__(
-        self, model: ClusterModel, registry: CollectorRegistry | None = None, watch_stats: object | None = None
+        self,
+        model: ClusterModel,
+        registry: CollectorRegistry | None = None,
+        watch_stats: object | None = None,
+        namespace_of: Callable[[str], str | None] | None = None,
     ) -> None:
         self.registry = registry or CollectorRegistry()
         self.latency = Histogram(
@@ -160,5 +168,6 @@ class ExtenderMetrics:
         )
         self.policy_valid.set(1)
         self.registry.register(FleetCollector(model))
+        self.waste = WasteAccountant(model, self.registry, namespace_of=namespace_of)
         if watch_stats is not None:
             self.registry.register(WatchCollector(watch_stats))

@@ -6,12 +6,15 @@ import argparse
 import gc
 import importlib.util
 import logging
+import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
 
 from extender.app import create_app
+from extender.leadership import leadership_from_args
 from extender.logs import configure
 from extender.metrics import ExtenderMetrics
 from policies.config import PlacementPolicy, PolicyError
@@ -58,13 +61,22 @@ def live_service(kubeconfig: str | None, policy: PlacementPolicy) -> tuple[Place
     return PlacementService(model, binder), watcher, client.ApiClient(client.Configuration.get_default_copy())
 
 
-def _housekeeping(model: ClusterModel, stop: threading.Event, interval: float = 5.0) -> None:
-    """Expire reservations the watch never confirmed, and follow the cluster's pod mix."""
+def _housekeeping(
+    model: ClusterModel, stop: threading.Event, interval: float = 5.0, tick: Callable[[], None] | None = None
+) -> None:
+    """Expire reservations the watch never confirmed, follow the cluster's pod mix, count GPU-seconds (`tick`)."""
     while not stop.wait(interval):
         model.refresh_shapes()
+        if tick is not None:
+            tick()
         expired = model.expire_reservations()
         if expired:
             log.warning("reservations expired without a binding seen", extra={"pods": expired})
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    """Leave by an exception, so `finally` blocks run; the exit status is the shell's for a signal."""
+    raise SystemExit(128 + signum)
 
 
 GC_THRESHOLD_GEN0 = 50_000
@@ -109,7 +121,13 @@ def run(args: argparse.Namespace) -> int:
             return 2
     else:
         service, watcher, api_client = live_service(args.kubeconfig, policy)
-    metrics = ExtenderMetrics(service.model, watch_stats=watcher.stats if watcher else None)
+    namespace_of = watcher.namespace_of if watcher else None
+    metrics = ExtenderMetrics(service.model, watch_stats=watcher.stats if watcher else None, namespace_of=namespace_of)
+    try:
+        leadership = leadership_from_args(args, service.model, api_client)
+    except ValueError as exc:
+        log.error("cannot elect a leader", extra={"error": str(exc)})
+        return 2
     try:
         planner = planner_from_args(args, service.model, metrics.registry, api_client)
         prewarmer = prewarmer_from_args(args, metrics.registry, api_client)
@@ -130,11 +148,18 @@ def run(args: argparse.Namespace) -> int:
 
         reloader.start(apply=service.model.set_policy, report=report)
     stop = threading.Event()
-    threading.Thread(target=_housekeeping, args=(service.model, stop), daemon=True, name="housekeeping").start()
+    if leadership is not None:
+        metrics.waste.active = leadership.elector.is_leader  # the fleet's GPU-seconds counted once, by the leader
+    housekeeping = (service.model, stop, 5.0, metrics.waste.tick)
+    threading.Thread(target=_housekeeping, args=housekeeping, daemon=True, name="housekeeping").start()
     for loop in (planner, prewarmer):
         if loop is not None:
+            if leadership is not None:
+                loop.active = leadership.elector.is_leader  # the background loops act only on the leader
             loop.start()
-    app = create_app(service, metrics)
+    app: Any = create_app(service, metrics)
+    if leadership is not None:
+        app = leadership.start(app, metrics.registry)
     # Everything built so far lives as long as the process: keep the collector from rescanning it on every pass.
     gc.collect()
     gc.freeze()
@@ -144,6 +169,9 @@ def run(args: argparse.Namespace) -> int:
     gc.set_threshold(GC_THRESHOLD_GEN0, 20, 100)
     log.info("serving", extra={"host": args.host, "port": args.port, "mode": "fleet" if args.fleet else "live"})
     _warn_if_slow_stack()
+    # uvicorn re-raises the SIGTERM it shut down on, with this handler back in place: exit through the cleanup below
+    # (the leader hands its Lease over there), not by the signal's default action, which would skip it.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.run(
             app,
@@ -164,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
             ssl_keyfile=args.tls_key,
         )
     finally:
+        if leadership is not None:
+            leadership.stop()  # first: stop deciding and hand the Lease to a successor at once
         stop.set()
         if reloader is not None:
             reloader.stop()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from policies.catalog import most_specific_match
 from policies.demand import Demand
 from policies.documents import API_VERSION, StrictModel, read_text, yaml_mapping
 
@@ -145,6 +146,34 @@ class ColdLoads(StrictModel):
     max_per_node: int = Field(0, ge=0, alias="maxPerNode")
 
 
+class Prices(StrictModel):
+    """What an hour of one GPU costs, by GPU type, so the extender can count what idle, fragmented and stranded
+    capacity costs (`gpu_extender_gpu_cost_dollars_total`). Keys name GPU types as the model catalog does
+    (`H100`, `A100-80GB`) and are matched to a node's GPU model the way the planner matches them: the most specific
+    name that names it wins. GPU types no key names get no cost series."""
+
+    gpu_hourly: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict, alias="gpuHourly")
+
+    @field_validator("gpu_hourly")
+    @classmethod
+    def _names(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(not name.strip() for name in value):
+            raise ValueError("GPU type names must not be empty")
+        return value
+
+    def hourly(self, gpu_model: str) -> float | None:
+        """Dollars per GPU-hour of a node's GPU model, or None when no key names it."""
+        name = most_specific_match(self.gpu_hourly, gpu_model)
+        return None if name is None else self.gpu_hourly[name]
+
+
+class Accounting(StrictModel):
+    """How the GPU-seconds counters group the fleet: by GPU type, and by the node label `poolLabel` names (its
+    value is the pool; "" groups every node into one pool with an empty name)."""
+
+    pool_label: str = Field("gpu-extender.io/pool", alias="poolLabel")
+
+
 class PlacementPolicy(StrictModel):
     api_version: Literal["gpu-extender.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
     kind: Literal["PlacementPolicy"] = "PlacementPolicy"
@@ -157,6 +186,8 @@ class PlacementPolicy(StrictModel):
     reservations: Reservations = Field(default_factory=Reservations)
     overcommit: Overcommit = Field(default_factory=Overcommit)
     cold_loads: ColdLoads = Field(default_factory=ColdLoads, alias="coldLoads")
+    prices: Prices = Field(default_factory=Prices)
+    accounting: Accounting = Field(default_factory=Accounting)
 
 
 class PolicyError(ValueError):

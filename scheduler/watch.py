@@ -51,6 +51,7 @@ class PodRecord:
     gpu_known: bool = True
     valid: bool = True
     starting: bool = False  # a serving replica not Ready yet: its readiness changes the record
+    namespace: str = ""  # for the per-namespace GPU-seconds counters (the model keys pods by UID)
 
 
 def _ready(obj: Mapping[str, Any]) -> bool:
@@ -79,7 +80,8 @@ def project_pod(obj: dict[str, Any]) -> PodRecord | None:
     starting = demand.model_name is not None and not _ready(obj)
     if demand.model_name is not None:
         assignment = replace(assignment, model=demand.model_name, starting=starting)
-    return PodRecord(node, assignment, demand, gpu_known, valid, starting)
+    namespace = str((obj.get("metadata") or {}).get("namespace") or "default")
+    return PodRecord(node, assignment, demand, gpu_known, valid, starting, namespace)
 
 
 def model_pod_key(obj: Mapping[str, Any]) -> str:
@@ -248,6 +250,13 @@ class ClusterWatcher:
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
+
+    def namespace_of(self, key: str) -> str | None:
+        """The namespace of the bound pod the model knows by `key`, None while the watch has not seen it.
+
+        Read from other threads: one dict lookup, which sees the publisher's current dict or the one before."""
+        record = self._pods.get(key)
+        return None if record is None else record.namespace
 
     def __enter__(self) -> ClusterWatcher:
         self.start()

@@ -587,3 +587,18 @@ def test_an_unreadable_object_is_skipped_not_retried_forever(fake: FakeApiServer
         eventually(lambda: "uid-after" in placed(model))
         assert watcher.stats.unreadable == 1 and watcher.stats.reconnects == 0
         assert "uid-odd" not in placed(model) and "u-bad" not in placed(model)
+
+
+def test_namespace_of_follows_the_watched_pods(fake: FakeApiServer) -> None:
+    """The per-namespace GPU-seconds counters learn a pod's namespace from the watch (the model keys by UID)."""
+    fake.put("nodes", gpu_node("n0"))
+    pod = gpu_pod("a", "n0")
+    pod["metadata"]["namespace"] = "team-a"
+    fake.put("pods", pod)
+    watcher, _ = make_watcher(fake)
+    with watcher:
+        assert watcher.wait_ready(5)
+        assert watcher.namespace_of("uid-a") == "team-a"
+        assert watcher.namespace_of("uid-unknown") is None
+        fake.put("pods", gpu_pod("b", "n0"))
+        eventually(lambda: watcher.namespace_of("uid-b") == "default")
