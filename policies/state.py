@@ -204,6 +204,9 @@ class ClusterState:
         self._generation += 1
         self.row_version[i] = self._generation
 
+    def row_of(self, node: str) -> int | None:
+        return self._index.get(node)
+
     def release(self, key: str) -> Assignment | None:
         assignment = self.assignments.pop(key, None)
         if assignment is not None:

@@ -155,6 +155,7 @@ class ClusterModel:
         """Hold `assignment` for pod `key`; raises ConflictError when the capacity is no longer free."""
         with self._lock:
             self._expire_locked()
+            self._check_cold_loads(assignment)
             self._state.apply(key, assignment)
             self._hold_locked(key, assignment)
             self._publish()
@@ -168,6 +169,7 @@ class ClusterModel:
             if key in self._state.assignments:
                 return False
             try:
+                self._check_cold_loads(assignment)
                 self._state.apply(key, assignment)
             except (ConflictError, KeyError):
                 return False
@@ -203,6 +205,17 @@ class ClusterModel:
         """Give back a reservation whose binding failed."""
         with self._lock:
             self._give_back_locked(key)
+
+    def _check_cold_loads(self, assignment: Assignment) -> None:
+        """Herd control, checked again where capacity is taken: a decision made from a snapshot that predates
+        another pod's hold (its answer was still being written when this pod was asked about) must not add a load
+        beyond `coldLoads.maxPerNode`. Raises ConflictError, as for capacity taken meanwhile."""
+        limit = self.policy.cold_loads.max_per_node
+        if not (limit and assignment.starting and assignment.model):
+            return
+        row = self._state.row_of(assignment.node)
+        if row is not None and int(self._state.serving_starting[row]) >= limit:
+            raise ConflictError(f"{limit} serving replica(s) already loading on {assignment.node}")
 
     def _hold_locked(self, key: str, assignment: Assignment, assumed: bool = False) -> None:
         """Record the reservation of capacity already applied to the state, with its timeout."""

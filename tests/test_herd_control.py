@@ -12,7 +12,7 @@ from policies.config import PlacementPolicy
 from policies.feasibility import REASON_TEXT, Reason
 from scheduler.binder import MemoryBinder
 from scheduler.model import ClusterModel
-from scheduler.service import PlacementService
+from scheduler.service import BindError, PlacementService
 from scheduler.watch import project_pod
 from tests.test_plan_following import SMALL, h100_node, schedule, serving_pod
 
@@ -70,3 +70,21 @@ def test_the_watch_reads_a_serving_pods_readiness(ready: bool) -> None:
 def test_a_pod_without_a_model_never_counts_as_loading() -> None:
     record = project_pod(_bound_pod(False, model=None))
     assert record is not None and not record.starting and record.assignment.model is None
+
+
+def test_a_hold_decided_before_another_pods_hold_is_refused_when_it_would_exceed_the_limit() -> None:
+    """Two pods decided from the same snapshot (the second asked about while the first one's answer was still being
+    written): the second hold is refused, and its bind decides again and finds the node loading."""
+    service = herd_service(1)
+    first, second = serving_pod("a", SMALL), serving_pod("b", SMALL)
+    names = ["h-0", "h-1"]
+    one = service.filter(first, names)
+    two = service.filter(second, names)  # before the first pod's hold
+    assert one.passed == two.passed
+    service.after_filter(first, one)
+    service.after_filter(second, two)  # refused: the node has a load already
+    node = one.passed[0]
+    assert service.bind("default", "a", "a", node).node == node
+    with pytest.raises(BindError, match="no longer fits"):
+        service.bind("default", "b", "b", node)
+    assert int(service.model.snapshot().serving_starting.sum()) == 1
