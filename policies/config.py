@@ -136,6 +136,21 @@ class Overcommit(StrictModel):
     prefer: Literal["borrow", "allocation"] = "borrow"
 
 
+class ModelStart(StrictModel):
+    """How long a serving replica takes to start, by where its model's weights are: the model-cache score ranks a
+    serving pod's nodes by it. Defaults: the genai-serving trace's median base-model load (22.7 s) from local disk;
+    the low end of the 2-8 minutes reported for vLLM pods on Kubernetes that pull their weights first."""
+
+    local_weights_seconds: float = Field(23.0, gt=0, alias="localWeightsSeconds")
+    remote_pull_seconds: float = Field(120.0, gt=0, alias="remotePullSeconds")
+
+    @model_validator(mode="after")
+    def _remote_not_faster(self) -> ModelStart:
+        if self.remote_pull_seconds < self.local_weights_seconds:
+            raise ValueError("remotePullSeconds must not be below localWeightsSeconds")
+        return self
+
+
 class ColdLoads(StrictModel):
     """Herd control for serving replicas (pods with `gpu-extender.io/model`): at most `maxPerNode` of them may be
     loading (bound, not yet Ready) on one node at a time; 0 lifts the limit. Replicas that load together share the
@@ -186,6 +201,7 @@ class PlacementPolicy(StrictModel):
     reservations: Reservations = Field(default_factory=Reservations)
     overcommit: Overcommit = Field(default_factory=Overcommit)
     cold_loads: ColdLoads = Field(default_factory=ColdLoads, alias="coldLoads")
+    model_start: ModelStart = Field(default_factory=ModelStart, alias="modelStart")
     prices: Prices = Field(default_factory=Prices)
     accounting: Accounting = Field(default_factory=Accounting)
 

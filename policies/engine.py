@@ -113,7 +113,11 @@ def evaluate(
         values: dict[str, np.ndarray] = {}
         how = policy.fragmentation_scoring
         fragmentation = partial(FRAGMENTATION_SCORERS[how.mode], cpu_stranding=how.cpu_stranding)
-        scorers = {**SCORERS, "fragmentation": fragmentation}
+        start = policy.model_start
+        model_cache = partial(
+            SCORERS["model_cache"], local_s=start.local_weights_seconds, remote_s=start.remote_pull_seconds
+        )
+        scorers = {**SCORERS, "fragmentation": fragmentation, "model_cache": model_cache}
         for name, scorer in scorers.items():
             weight = getattr(policy.weights, name)
             if weight:

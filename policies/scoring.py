@@ -26,7 +26,7 @@ from policies.fragmentation import (
     fragmentation_points,
 )
 from policies.inventory import MILLI_PER_GPU
-from policies.mig import MIG_TABLES, placement_loss
+from policies.mig import MIG_TABLES, learnt_placement_loss, placement_loss
 from policies.plan_targets import PlanTargets
 from policies.state import MIG_TABLE_NAMES, ClusterSnapshot
 
@@ -64,13 +64,18 @@ class Candidates:
         if self.demand.kind is not DemandKind.MIG:
             return starts, losses
         name = self.demand.mig_profile or ""
+        mix = self.shapes.mig_mix
         for r, g in zip(*np.nonzero(self.valid), strict=True):
             row = int(self.rows[r])
             table = MIG_TABLE_NAMES[self.snapshot.mig_table[row, g]]
             profile = MIG_TABLES[table].profile(name)
             assert profile is not None
             occ = int(self.snapshot.mig_occupied[row, g])
-            options = [(placement_loss(table, occ, profile, s), s) for s in mig_starts(self.snapshot, row, g, name)]
+            slots = mig_starts(self.snapshot, row, g, name)
+            if mix is None:
+                options = [(placement_loss(table, occ, profile, s), s) for s in slots]
+            else:
+                options = [(learnt_placement_loss(table, occ, profile, s, mix), s) for s in slots]
             losses[r, g], starts[r, g] = min(options)
         return starts, losses
 
@@ -152,12 +157,36 @@ def packing_score(c: Candidates) -> np.ndarray:
     return gpu_used + TIGHT_FIT * fill
 
 
+OPEN_EMPTY_GPU = 8.0
+"""With a learnt MIG mix: the cost of carving an instance smaller than the whole GPU out of an empty GPU, above
+any loss on a GPU in use (at most 7 compute slices), so an empty GPU is opened only when no GPU in use fits.
+Slice fit that opens empty GPUs freely keeps every GPU a little carved and starves the whole-GPU profiles."""
+
+
 def mig_fit_score(c: Candidates) -> np.ndarray:
-    """Minus the placeable MIG value a new instance destroys, in units of one compute slice (of 7)."""
+    """Minus the placeable MIG value a new instance destroys, in units of one compute slice (of 7).
+
+    Without a learnt mix (`TypicalShapes.mig_mix`) each profile size is worth its compute slices; with one, each
+    profile is worth its share of recent requests (`learnt_placeable_value`), and GPUs in use come before empty
+    ones (`OPEN_EMPTY_GPU`), unless the instance takes the whole GPU."""
     if c.demand.kind is not DemandKind.MIG:
         return np.zeros(c.valid.shape)
     _, losses = c.mig_choice
-    return -np.where(np.isfinite(losses), losses, 0.0)
+    score = -np.where(np.isfinite(losses), losses, 0.0)
+    if c.shapes.mig_mix is not None:
+        occupied = c.snapshot.mig_occupied[c.rows]
+        tables = c.snapshot.mig_table[c.rows]
+        opens = np.zeros(score.shape, dtype=bool)
+        for r, g in zip(*np.nonzero(c.valid & (occupied == 0)), strict=True):
+            profile = MIG_TABLES[MIG_TABLE_NAMES[tables[r, g]]].profile(c.demand.mig_profile or "")
+            opens[r, g] = profile is not None and profile.compute_slices < _full_gpu_slices(tables[r, g])
+        score = score - OPEN_EMPTY_GPU * opens
+    return score
+
+
+def _full_gpu_slices(table: int) -> int:
+    """Compute slices of the whole-GPU profile of a MIG table."""
+    return max(p.compute_slices for p in MIG_TABLES[MIG_TABLE_NAMES[table]].profiles)
 
 
 def _measured_headroom(c: Candidates, headroom: np.ndarray) -> np.ndarray:
@@ -201,15 +230,17 @@ def plan_score(c: Candidates) -> np.ndarray:
     return wanted.any(axis=1, keepdims=True).astype(float)
 
 
-def model_cache_score(c: Candidates) -> np.ndarray:
-    """1 on a node whose disk holds the serving pod's model weights, else 0; 0 everywhere for other pods. A replica
-    loads local weights in the time its engine takes to read them (the genai-serving trace's base-model loads: a
-    median of 23 s) instead of pulling tens of GB first (minutes): a scale-up lands on capacity that is warm sooner."""
+def model_cache_score(c: Candidates, local_s: float = 23.0, remote_s: float = 120.0) -> np.ndarray:
+    """0..1 by a serving replica's estimated start on each node: `local_s` where the node's disk holds the model's
+    weights, `remote_s` where they must be pulled first, scored as the share of the pull it saves, `1 - local_s /
+    remote_s` (0 where nothing is saved). 0 everywhere for pods without a model (`modelStart` in the policy sets
+    the times)."""
     model = c.demand.model_name
     cached = c.snapshot.cached_on.get(model) if model else None
     if cached is None:
         return np.zeros((len(c.rows), 1))
-    return cached[c.rows].astype(float)[:, None]
+    saved = 1.0 - local_s / remote_s if remote_s > 0 else 0.0
+    return np.where(cached[c.rows], saved, 0.0)[:, None]
 
 
 FRAGMENTATION_SCORERS = {"steps": fragmentation_steps_score, "exact": fragmentation_score}

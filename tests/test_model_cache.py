@@ -7,6 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
 from policies.config import PlacementPolicy
 from policies.inventory import NodeInventory
 from policies.plan_targets import PlannedSlot, PlanTargets
@@ -99,3 +102,23 @@ def test_serving_pods_prefer_nodes_holding_their_weights_and_the_plan_comes_firs
     assert schedule(service, serving_pod("b", SMALL)).node == "h-1"
     # Without a plan slot open, the cache decides again.
     assert schedule(service, serving_pod("c", SMALL)).node == "h-2"
+
+
+def test_the_preference_is_the_share_of_the_pull_the_local_weights_save() -> None:
+    def service_with(policy: dict[str, Any]) -> PlacementService:
+        cached = NodeInventory("h-1", 64_000, 524_288, h100_node("h-1").gpus, cached_models=frozenset({SMALL}))
+        model = ClusterModel(PlacementPolicy.model_validate(policy))
+        model.replace_nodes([h100_node("h-0"), cached])
+        model.mark_ready()
+        return PlacementService(model, MemoryBinder(), confirm_on_bind=True)
+
+    times = {"modelStart": {"localWeightsSeconds": 30, "remotePullSeconds": 120}}
+    verdicts = {e["node"]: e["components"]["model_cache"] for e in service_with(times).explain(serving_pod("p", SMALL))}
+    assert verdicts == {"h-1": 0.75, "h-0": 0.0}
+    same = {"modelStart": {"localWeightsSeconds": 60, "remotePullSeconds": 60}}  # nothing saved: no preference
+    assert all(e["components"]["model_cache"] == 0 for e in service_with(same).explain(serving_pod("p", SMALL)))
+
+
+def test_a_pull_faster_than_a_local_load_is_refused() -> None:
+    with pytest.raises(ValidationError, match="remotePullSeconds"):
+        PlacementPolicy.model_validate({"modelStart": {"localWeightsSeconds": 60, "remotePullSeconds": 30}})
