@@ -156,9 +156,12 @@ class ColdLoads(StrictModel):
     loading (bound, not yet Ready) on one node at a time; 0 lifts the limit. Replicas that load together share the
     node's disk and network for their weights and its GPUs for memory profiling (vLLM sizes its KV cache from the
     memory it sees free, so co-located engines must start one after another); a spike that starts many at once
-    makes every one of them late."""
+    makes every one of them late. `maxPerModel`: at most that many of one model's replicas loading in the whole
+    fleet (0: no limit), so a spike does not start more copies of a model than its load needs at once (the rest
+    wait for the first to be Ready, which then carry load)."""
 
     max_per_node: int = Field(0, ge=0, alias="maxPerNode")
+    max_per_model: int = Field(0, ge=0, alias="maxPerModel")
 
 
 class Prices(StrictModel):

@@ -6,7 +6,7 @@ decides where a pod goes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property, partial
 
 import numpy as np
@@ -142,10 +142,31 @@ def evaluate(
 def _limit_cold_loads(
     snapshot: ClusterSnapshot, rows: np.ndarray, demand: Demand, policy: PlacementPolicy, reasons: np.ndarray
 ) -> None:
-    """A serving replica does not go where `coldLoads.maxPerNode` replicas are loading already."""
+    """A serving replica does not go where `coldLoads.maxPerNode` replicas are loading already, nor anywhere while
+    `coldLoads.maxPerModel` of its model's are."""
     limit = policy.cold_loads.max_per_node
     if limit and demand.model_name is not None:
         reasons[(reasons == FITS) & (snapshot.serving_starting[rows] >= limit)] = int(Reason.COLD_LOADS)
+    if model_loads_full(snapshot, demand, policy):
+        reasons[reasons == FITS] = int(Reason.MODEL_LOADS)
+
+
+def model_loads_full(snapshot: ClusterSnapshot, demand: Demand, policy: PlacementPolicy) -> bool:
+    """The pod's model has `coldLoads.maxPerModel` replicas loading in the fleet. Not a property of any node, so
+    callers that reuse per-node results apply it afresh (`gate_model_loads`)."""
+    limit = policy.cold_loads.max_per_model
+    model = demand.model_name
+    return bool(limit and model is not None and snapshot.model_loading.get(model, 0) >= limit)
+
+
+def gate_model_loads(
+    snapshot: ClusterSnapshot, demand: Demand, policy: PlacementPolicy, evaluation: Evaluation
+) -> Evaluation:
+    """The evaluation, with every feasible row refused while the model's fleet-wide loads are at their limit."""
+    if not model_loads_full(snapshot, demand, policy) or not evaluation.feasible.any():
+        return evaluation
+    reasons = np.where(evaluation.feasible, np.uint8(Reason.MODEL_LOADS), evaluation.reasons).astype(np.uint8)
+    return replace(evaluation, reasons=reasons, scores=np.full(len(reasons), -np.inf))
 
 
 # GPU capacity rejections that measured idle capacity can cure.

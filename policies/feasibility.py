@@ -23,6 +23,7 @@ class Reason(IntEnum):
     NO_MIG_PROFILE = 4
     GPU_MEMORY_TOO_SMALL = 5
     COLD_LOADS = 9  # transient, but evicting pods would not end it
+    MODEL_LOADS = 8
     CPU = 10
     MEMORY = 11
     GPUS_BUSY = 12
@@ -41,6 +42,7 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.NO_MIG_PROFILE: "no MIG-enabled GPU on the node supports the requested profile",
     Reason.GPU_MEMORY_TOO_SMALL: "GPU memory smaller than requested",
     Reason.COLD_LOADS: "serving replicas still loading on the node reach the policy's limit (coldLoads.maxPerNode)",
+    Reason.MODEL_LOADS: "replicas of this model still loading reach the policy's limit (coldLoads.maxPerModel)",
     Reason.CPU: "insufficient CPU",
     Reason.MEMORY: "insufficient memory",
     Reason.GPUS_BUSY: "not enough fully free GPUs",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +63,8 @@ class ClusterSnapshot:
     mig_layout: Mapping[tuple[int, int], tuple[tuple[str, int], ...]] = field(default_factory=dict)
     # Serving replicas by (served model, row, GPU): which planned slots are filled (`policies.plan_targets`).
     model_replicas: Mapping[tuple[str, int, int], int] = field(default_factory=dict)
+    # Served model -> its replicas loading (bound, not Ready) anywhere in the fleet: herd control per model.
+    model_loading: Mapping[str, int] = field(default_factory=dict)
     # Served model -> bool [N]: the node has the model's weights on its disk (fixed until the node set changes).
     cached_on: Mapping[str, np.ndarray] = field(default_factory=dict)
     ready: bool = True
@@ -102,7 +105,8 @@ class ClusterState:
         self._generation = 0
         self.assignments: dict[str, Assignment] = {}
         self._model_replicas: dict[tuple[str, int, int], int] = {}
-        self._replicas_published = False  # a snapshot holds `_model_replicas`: copy it before the next change
+        self._model_loading: dict[str, int] = {}
+        self._replicas_published = False  # a snapshot holds the two model counts: copy them before the next change
         self._build(list(nodes))
 
     # -- construction ------------------------------------------------------------------------------------
@@ -163,6 +167,7 @@ class ClusterState:
         self.mig_occupied = np.zeros((n, g), dtype=np.uint8)
         self.serving_starting = np.zeros(n, dtype=np.int16)
         self._model_replicas = {}
+        self._model_loading = {}
         self._replicas_published = False
         cached_on: dict[str, np.ndarray] = {}
         for i, node in enumerate(nodes):
@@ -206,6 +211,10 @@ class ClusterState:
 
     def row_of(self, node: str) -> int | None:
         return self._index.get(node)
+
+    def loading(self, model: str) -> int:
+        """The model's replicas loading (bound, not Ready) in the fleet."""
+        return self._model_loading.get(model, 0)
 
     def release(self, key: str) -> Assignment | None:
         assignment = self.assignments.pop(key, None)
@@ -278,22 +287,19 @@ class ClusterState:
             self.mig_occupied[i, a.mig.gpu] ^= profile.mask_at(a.mig.start)
         if a.model:
             self._count_replica(a, i, -sign)
-            if a.starting:
-                self.serving_starting[i] -= sign
 
     def _count_replica(self, a: Assignment, i: int, change: int) -> None:
-        """Keep the served-model count of each GPU the replica holds; published snapshots keep their copy."""
+        """Keep the served-model count of each GPU the replica holds and, while it loads, of its node and its
+        model fleet-wide; published snapshots keep their copy."""
         assert a.model is not None
         if self._replicas_published:
-            self._model_replicas = dict(self._model_replicas)
+            self._model_replicas, self._model_loading = dict(self._model_replicas), dict(self._model_loading)
             self._replicas_published = False
         for g in (a.mig.gpu,) if a.mig is not None else a.gpus:
-            key = (a.model, i, g)
-            count = self._model_replicas.get(key, 0) + change
-            if count:
-                self._model_replicas[key] = count
-            else:
-                self._model_replicas.pop(key, None)
+            _bump(self._model_replicas, (a.model, i, g), change)
+        if a.starting:
+            self.serving_starting[i] += change
+            _bump(self._model_loading, a.model, change)
 
     # -- publication -------------------------------------------------------------------------------------
     @property
@@ -345,6 +351,7 @@ class ClusterState:
             largest_node_gpu_milli=self.largest_node_gpu_milli,
             mig_layout=MappingProxyType(self._mig_layout),
             model_replicas=self._replicas_for_snapshot(),
+            model_loading=MappingProxyType(self._model_loading),
             cached_on=self._cached_on,
         )
 
@@ -352,3 +359,12 @@ class ClusterState:
         """The model counts, read-only: the next change copies them first, so a snapshot's counts never move."""
         self._replicas_published = True
         return MappingProxyType(self._model_replicas)
+
+
+def _bump(counts: dict[Any, int], key: Any, change: int) -> None:
+    """Add `change` to a count, dropping it at zero (a mapping of what is there, not of everything ever seen)."""
+    count = counts.get(key, 0) + change
+    if count:
+        counts[key] = count
+    else:
+        counts.pop(key, None)

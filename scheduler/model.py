@@ -209,13 +209,16 @@ class ClusterModel:
     def _check_cold_loads(self, assignment: Assignment) -> None:
         """Herd control, checked again where capacity is taken: a decision made from a snapshot that predates
         another pod's hold (its answer was still being written when this pod was asked about) must not add a load
-        beyond `coldLoads.maxPerNode`. Raises ConflictError, as for capacity taken meanwhile."""
-        limit = self.policy.cold_loads.max_per_node
-        if not (limit and assignment.starting and assignment.model):
+        beyond `coldLoads`. Raises ConflictError, as for capacity taken meanwhile."""
+        limits = self.policy.cold_loads
+        model = assignment.model
+        if not (assignment.starting and model):
             return
         row = self._state.row_of(assignment.node)
-        if row is not None and int(self._state.serving_starting[row]) >= limit:
-            raise ConflictError(f"{limit} serving replica(s) already loading on {assignment.node}")
+        if limits.max_per_node and row is not None and int(self._state.serving_starting[row]) >= limits.max_per_node:
+            raise ConflictError(f"{limits.max_per_node} serving replica(s) already loading on {assignment.node}")
+        if limits.max_per_model and self._state.loading(model) >= limits.max_per_model:
+            raise ConflictError(f"{limits.max_per_model} replica(s) of {model} already loading")
 
     def _hold_locked(self, key: str, assignment: Assignment, assumed: bool = False) -> None:
         """Record the reservation of capacity already applied to the state, with its timeout."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from policies.config import PlacementPolicy
 from policies.demand import Demand
-from policies.engine import Evaluation, assign, evaluate, extender_scores, place_on_node
+from policies.engine import Evaluation, assign, evaluate, extender_scores, gate_model_loads, place_on_node
 from policies.feasibility import FITS, REASON_TEXT, Reason, is_resolvable, may_borrow
 from policies.fragmentation import TypicalShapes
 from policies.inventory import Assignment, NodeInventory
@@ -295,7 +295,7 @@ class PlacementService:
             return evaluate(snapshot, demand, rows, policy, shapes, score=score, components=True, plan=plan)
         if may_borrow(demand, policy.overcommit):  # borrowed placements are ranked against each other
             return evaluate(snapshot, demand, rows, policy, shapes, score=score, plan=plan)
-        return self._reusable(view).evaluate(
+        evaluation = self._reusable(view).evaluate(
             demand,
             rows,
             snapshot.row_version,
@@ -303,6 +303,7 @@ class PlacementService:
             lambda redo, scored: evaluate(snapshot, demand, redo, policy, shapes, score=scored, plan=plan),
             score,
         )
+        return gate_model_loads(snapshot, demand, policy, evaluation)  # fleet-wide: not in per-node results
 
     def _reusable(self, view: ModelView) -> EvaluationCache:
         """The per-row results for this node set, policy, typical shapes and plan (started afresh when one

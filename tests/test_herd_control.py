@@ -88,3 +88,18 @@ def test_a_hold_decided_before_another_pods_hold_is_refused_when_it_would_exceed
     with pytest.raises(BindError, match="no longer fits"):
         service.bind("default", "b", "b", node)
     assert int(service.model.snapshot().serving_starting.sum()) == 1
+
+
+def test_one_models_loads_are_limited_across_the_fleet_even_from_reused_evaluations() -> None:
+    model = ClusterModel(PlacementPolicy.model_validate({"coldLoads": {"maxPerModel": 1}}))
+    model.replace_nodes([h100_node("h-0"), h100_node("h-1"), h100_node("h-2")])
+    model.mark_ready()
+    service = PlacementService(model, MemoryBinder(), confirm_on_bind=True)
+    names = ["h-0", "h-1", "h-2"]
+    assert len(service.filter(serving_pod("warm-up", SMALL), names).passed) == 3  # per-node results now cached
+    first = schedule(service, serving_pod("a", SMALL))
+    refused = service.filter(serving_pod("b", SMALL), names)
+    assert refused.passed == [] and set(refused.unresolvable.values()) == {REASON_TEXT[Reason.MODEL_LOADS]}
+    assert schedule(service, serving_pod("q", "Qwen/Qwen2.5-7B-Instruct")).starting  # another model loads freely
+    service.model.pod_bound("a", replace(first, starting=False), service.demand(serving_pod("a", SMALL)))
+    assert schedule(service, serving_pod("b", SMALL)).starting
