@@ -159,3 +159,29 @@ def test_placeholders_ask_what_a_replica_asks_at_the_lowest_priority() -> None:
     (pause,) = spec["containers"]
     assert pause["resources"] == {"requests": {"cpu": "4"}, "limits": {"nvidia.com/gpu": "1"}}
     assert template["metadata"]["annotations"] == {"gpu-extender.io/model": MODEL}
+
+
+def test_starts_are_staggered_soonest_window_first(floor: _Floor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three models' windows open in one round; two starts a round: the two closing first start now, the third in
+    the next round."""
+    models = {"a": 300.0, "b": 100.0, "c": 200.0}  # window end per model
+    raised: set[str] = set()
+
+    def serving(api: Any, namespace: str | None) -> list[ServingDeployment]:
+        return [ServingDeployment("ns", m, m, int(m in raised), None, None, None, ()) for m in models]
+
+    def raise_floor(api: Any, d: ServingDeployment, at_least: int) -> bool:
+        if d.replicas >= at_least:
+            return False
+        raised.add(d.name)
+        return True
+
+    monkeypatch.setattr(prewarm_loop, "list_serving", serving)
+    monkeypatch.setattr(prewarm_loop, "raise_floor", raise_floor)
+    loop = PrewarmLoop(None, FixedKeepAlive(60.0), lambda now: {}, clock=lambda: 50.0, max_starts_per_round=2)
+    monkeypatch.setattr(
+        loop, "decide", lambda d, activity, now: warm_decision(WarmPlan(0.0, 0.0, models[d.name]), False, now, 5.0)
+    )
+    assert [a.deployment for a in loop.round()] == ["ns/b", "ns/c"]
+    assert [a.deployment for a in loop.round()] == ["ns/a"]
+    assert loop.round() == []

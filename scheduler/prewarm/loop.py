@@ -77,6 +77,10 @@ class PrewarmLoop:
     client_for: Callable[[str], VllmClient] = VllmClient
     # Whether this process may act now: with leader election, only the leader does (followers skip their rounds).
     active: Callable[[], bool] = lambda: True
+    # Cold starts (floors raised) per round, soonest windows first, so that many models' windows opening together
+    # do not start all their replicas at once (0: no limit); wakes and placeholders start nothing and are not counted.
+    max_starts_per_round: int = 2
+    _starts_left: int | None = None  # this round's starts still allowed (None: no limit)
     _plans: dict[str, tuple[float, WarmPlan]] = field(default_factory=dict)
     _runner: Periodic | None = None
 
@@ -101,9 +105,12 @@ class PrewarmLoop:
             log.warning("pre-warm round skipped", extra={"error": f"{type(exc).__name__}: {exc}"})
             self._count_round("failed")
             return []
+        decided = [(d, self.decide(d, activity.get(d.model), now)) for d in deployments]
+        # Staggered: the windows that close first get this round's starts; the rest start in later rounds.
+        decided.sort(key=lambda pair: (not pair[1].warm, pair[1].until if pair[1].until is not None else float("inf")))
         actions: list[Action] = []
-        for deployment in deployments:
-            decision = self.decide(deployment, activity.get(deployment.model), now)
+        self._starts_left = self.max_starts_per_round or None
+        for deployment, decision in decided:
             if self.metrics is not None:
                 self.metrics.warm.labels(deployment.model).set(1 if decision.warm else 0)
             try:
@@ -139,7 +146,11 @@ class PrewarmLoop:
         if decision.warm:
             if d.sleep_level:
                 done += [self._did("wake", d, decision) for r in d.pods if r.url and self._wake(r.url)]
-            if raise_floor(self.api_client, d, self.floor):
+            if d.replicas < self.floor and self._starts_left is not None and self._starts_left <= 0:
+                log.info("pre-warm deferred to the next round", extra={"deployment": _name(d), "model": d.model})
+            elif raise_floor(self.api_client, d, self.floor):
+                if self._starts_left is not None:
+                    self._starts_left -= 1
                 done.append(self._did("raise_floor", d, decision))
         elif d.sleep_level:
             done += [self._did("sleep", d, decision) for r in d.pods if r.ready and r.url and self._sleep(r.url, d)]

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prewarm-wake-seconds", type=float, default=6.0, help="a wake from vLLM sleep (6)")
     group.add_argument("--prewarm-interval", type=float, default=5.0, help="seconds between rounds (5)")
     group.add_argument("--prewarm-namespace", help="act on this namespace only (default: all)")
+    group.add_argument(
+        "--prewarm-max-starts", type=int, default=2, help="floors raised per round, soonest window first (2; 0: all)"
+    )
 
 
 def forecaster_named(name: str, keep_alive_s: float, bin_s: float = 60.0) -> Forecaster:
@@ -94,4 +97,5 @@ def prewarmer_from_args(args: argparse.Namespace, registry: CollectorRegistry, a
         interval_s=args.prewarm_interval,
         namespace=args.prewarm_namespace,
         metrics=PrewarmMetrics(registry),
+        max_starts_per_round=max(0, args.prewarm_max_starts),
     )
