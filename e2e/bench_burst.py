@@ -14,9 +14,12 @@ extender errors or timeouts, no double booking.
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import re
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 from e2e import fleet, helpers
@@ -51,6 +54,21 @@ def histogram(metrics: dict[str, float], verb: str) -> tuple[float, float, float
 
     largest = next(le for le, count in buckets if count >= total) * 1000
     return quantile(0.5), quantile(0.99), largest, int(total)
+
+
+def failure_reasons(lines: list[str]) -> Counter[str]:
+    """The extender's logged call failures, by their message with pod and node names taken out."""
+    out: Counter[str] = Counter()
+    for line in lines:
+        if '"level":"warning"' not in line and '"level":"error"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        text = f"{record.get('msg', '')}: {record.get('error', '')}"
+        out[re.sub(r"[\w.-]+/p\d{5}|\b[\w-]*\d{3,}[\w-]*\b", "…", text)[:160]] += 1
+    return out
 
 
 def decided(pod: dict[str, Any]) -> bool:
@@ -99,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             final = list(read_json(api, "GET", f"/api/v1/namespaces/{NS}/pods")["items"])
         after = system.extender.metrics()
         scheduler_log = system.scheduler.log_path.read_text(errors="replace").splitlines()
+        extender_log = system.extender.log_path.read_text(errors="replace").splitlines()
         system.stop()
     bound = sum(1 for p in final if helpers.node_name(p))
     nowhere = sum(1 for p in final if not helpers.node_name(p) and helpers.unschedulable(p))
@@ -122,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for line in scheduler_side[:5]:
         print(f"    {line[:200]}")
+    for reason, count in failure_reasons(extender_log).most_common(5):
+        print(f"    {count:>6} x {reason}")
     print(f"  double booking: {len(book.problems)} problems over {bound} bound pods")
     for problem in book.problems[:5]:
         print(f"    {problem}")

@@ -195,18 +195,12 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderA
 
     def prioritize(args: ExtenderArgs) -> tuple[Any, Callable[[], None] | None]:
         names = args.node_names()
-        answered: list[bool] = []
 
         def call() -> list[dict[str, Any]]:
-            scores = [{"Host": host, "Score": score} for host, score in service.prioritize(args.Pod, names)]
-            answered.append(True)
-            return scores
+            return [{"Host": host, "Score": score} for host, score in service.prioritize(args.Pod, names)]
 
         # kube-scheduler ignores prioritize errors; zero scores keep our answer neutral instead.
-        payload = _answer("prioritize", call, lambda _: [{"Host": name, "Score": 0} for name in names])
-        if not answered:
-            return payload, None
-        return payload, lambda: _after(service.after_prioritize, args.Pod, "prioritize")
+        return _answer("prioritize", call, lambda _: [{"Host": name, "Score": 0} for name in names]), None
 
     def bind(args: ExtenderBindingArgs) -> Any:
         def call() -> dict[str, str]:
@@ -216,7 +210,7 @@ def create_app(service: PlacementService, metrics: ExtenderMetrics) -> ExtenderA
         return _answer("bind", call, lambda error: ExtenderBindingResult(Error=error).model_dump())
 
     async def filter_verb(body: bytes) -> Reply:
-        # Logging, scoring and holding wait until the answer is sent: see PlacementService.after_filter.
+        # Logging and scoring ahead wait until the answer is sent: see PlacementService.after_filter.
         return _reply(body, ExtenderArgs, filter_)
 
     async def prioritize_verb(body: bytes) -> Reply:

@@ -324,7 +324,13 @@ class PlacementService:
         decision = self._evaluate(pod, names, score=limit > 0, view=view)
         outcome = _outcome(decision, name_failures=not limit or not decision.evaluation.feasible.any())
         if limit and len(outcome.passed) > limit:
-            return self._shortlist(decision, outcome, limit)
+            outcome = self._shortlist(decision, outcome, limit)
+        if len(outcome.passed) == 1 and outcome.decision is not None and outcome.decision.scored:
+            # kube-scheduler binds a lone node without asking prioritize: hold its placement until bind
+            # (`assumeBest`) before answering, so no filter answered meanwhile (binds run on other connections
+            # while the scheduler moves on) can give the same room to another pod.
+            part = outcome.decision.feasible_part(outcome.passed)
+            self._hold_best(uid, view.policy, assign(view.snapshot, part.demand, part.evaluation, 0, view.plan))
         return outcome
 
     def _shortlist(self, decision: _Decision, outcome: FilterOutcome, limit: int) -> FilterOutcome:
@@ -343,11 +349,8 @@ class PlacementService:
         answer, and this overlaps what the scheduler does next.
 
         The rejections are logged (a write the answer should not wait for). Several nodes passed: kube-scheduler
-        asks prioritize about exactly those next, so their answer is scored ahead. A shortlist of one:
-        kube-scheduler binds that node without asking prioritize, so its placement is held until bind
-        (`assumeBest`), as prioritize would hold it. Filter and prioritize are answered one at a time on one event
-        loop, so this runs before the next pod's filter is read; a bind that finds nothing held decides the
-        placement itself, against the reservations of the moment."""
+        asks prioritize about exactly those next, so their answer is scored ahead (a lone node's placement is held
+        by filter itself, before it answers)."""
         if outcome.reasons:
             meta = pod.get("metadata") or {}
             log.info(
@@ -355,18 +358,13 @@ class PlacementService:
                 extra={"pod": f"{meta.get('namespace')}/{meta.get('name')}", "reasons": dict(outcome.reasons)},
             )
         decision = outcome.decision
-        if decision is None or not outcome.passed:
-            return
-        uid = pod_uid(pod)
-        if len(outcome.passed) > 1:
-            self._score(uid, decision.feasible_part(outcome.passed))
-        elif outcome.shortlisted:
-            view = decision.view
-            self._hold_best(uid, view.policy, assign(view.snapshot, decision.demand, decision.evaluation, 0, view.plan))
+        if decision is not None and len(outcome.passed) > 1:
+            self._score(pod_uid(pod), decision.feasible_part(outcome.passed))
 
     def prioritize(self, pod: Mapping[str, Any], names: list[str]) -> list[tuple[str, int]]:
         """Scores 0..10 for `names`: the answer computed ahead when nothing it depends on has changed since,
-        else a fresh one. `after_prioritize` then holds the placement on the node scored 10."""
+        else a fresh one; the placement on the node scored 10 is held until bind asks for it, before answering
+        (as for a lone node at filter)."""
         self._check_ready()
         demand = self.demand(pod)
         uid = pod_uid(pod)
@@ -378,16 +376,9 @@ class PlacementService:
         else:
             self.score_cache.misses += 1
             entry = self._score(uid, self._fresh(demand, view, names))
-        return list(entry.answer)
-
-    def after_prioritize(self, pod: Mapping[str, Any]) -> None:
-        """Hold the placement on the node prioritize scored 10 until bind asks for it (`assumeBest`), once the
-        answer is sent: holding publishes a new snapshot, which the scheduling loop need not wait for. As after
-        filter, this runs on the event loop before the next request is read, so no bind comes in between."""
-        uid = pod_uid(pod)
-        entry = self.score_cache.get(uid)
-        if entry is not None and entry.planned is not None:
+        if entry.planned is not None:
             self._hold_best(uid, entry.policy, entry.planned)
+        return list(entry.answer)
 
     def _hold_best(self, uid: str, policy: PlacementPolicy, placement: Assignment) -> None:
         """Hold the recommended placement until bind asks for it, as kube-scheduler assumes a pod (`assumeBest`)."""

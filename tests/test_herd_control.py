@@ -9,10 +9,12 @@ from typing import Any
 import pytest
 
 from policies.config import PlacementPolicy
+from policies.engine import place_on_node
 from policies.feasibility import REASON_TEXT, Reason
+from policies.state import ConflictError
 from scheduler.binder import MemoryBinder
 from scheduler.model import ClusterModel
-from scheduler.service import BindError, PlacementService
+from scheduler.service import PlacementService
 from scheduler.watch import project_pod
 from tests.test_plan_following import SMALL, h100_node, schedule, serving_pod
 
@@ -73,20 +75,17 @@ def test_a_pod_without_a_model_never_counts_as_loading() -> None:
 
 
 def test_a_hold_decided_before_another_pods_hold_is_refused_when_it_would_exceed_the_limit() -> None:
-    """Two pods decided from the same snapshot (the second asked about while the first one's answer was still being
-    written): the second hold is refused, and its bind decides again and finds the node loading."""
+    """Two placements decided from the same snapshot (a bind's own decision racing another pod's filter): the
+    model takes the first load on the node and refuses the second, at assume and at reserve alike."""
     service = herd_service(1)
-    first, second = serving_pod("a", SMALL), serving_pod("b", SMALL)
-    names = ["h-0", "h-1"]
-    one = service.filter(first, names)
-    two = service.filter(second, names)  # before the first pod's hold
-    assert one.passed == two.passed
-    service.after_filter(first, one)
-    service.after_filter(second, two)  # refused: the node has a load already
-    node = one.passed[0]
-    assert service.bind("default", "a", "a", node).node == node
-    with pytest.raises(BindError, match="no longer fits"):
-        service.bind("default", "b", "b", node)
+    view = service.model.view()
+    demand = service.demand(serving_pod("a", SMALL))
+    placed, _ = place_on_node(view.snapshot, demand, "h-0", view.policy, view.shapes)
+    assert placed is not None and placed.starting
+    assert service.model.assume("a", placed)
+    assert not service.model.assume("b", placed)
+    with pytest.raises(ConflictError, match="already loading"):
+        service.model.reserve("c", placed)
     assert int(service.model.snapshot().serving_starting.sum()) == 1
 
 

@@ -113,7 +113,6 @@ class FleetMachine(RuleBasedStateMachine):
         self.service.after_filter(pod, outcome)
         if len(outcome.passed) > 1:
             self.service.prioritize(pod, outcome.passed)
-            self.service.after_prioritize(pod)
 
     @rule(uid=pods, subset=st.lists(st.sampled_from(NAMES), min_size=1, max_size=5, unique=True))
     def schedule(self, uid: str, subset: list[str]) -> None:
@@ -124,7 +123,6 @@ class FleetMachine(RuleBasedStateMachine):
         best = outcome.passed[:1]
         if len(outcome.passed) > 1:
             scores = self.service.prioritize(pod, outcome.passed)
-            self.service.after_prioritize(pod)
             best = [max(scores, key=lambda hs: hs[1])[0]]
         if best:
             self.bind(uid, best[0])

@@ -60,7 +60,6 @@ def schedule(service: PlacementService, pod: dict[str, Any]) -> Assignment:
     passed = outcome.passed
     if len(passed) > 1:
         scores = service.prioritize(pod, passed)
-        service.after_prioritize(pod)
         passed = [max(scores, key=lambda ns: ns[1])[0]]
     meta = pod["metadata"]
     return service.bind("default", meta["name"], meta["uid"], passed[0])

@@ -77,9 +77,8 @@ def filter_ahead(service: PlacementService, p: dict[str, Any], names: list[str])
 
 
 def prioritize(service: PlacementService, p: dict[str, Any], names: list[str]) -> list[tuple[str, int]]:
-    """What the HTTP layer does on prioritize: answer, then hold the best placement (`after_prioritize`)."""
+    """What the HTTP layer does on prioritize (which holds the best placement before it answers)."""
     scores = service.prioritize(p, names)
-    service.after_prioritize(p)
     return scores
 
 
