@@ -19,6 +19,7 @@ from functools import cached_property
 import numpy as np
 
 from policies.demand import Demand, Shape, model_allowed
+from policies.mig_demand import MigMix
 from policies.state import ClusterSnapshot
 
 
@@ -33,6 +34,8 @@ class TypicalShapes:
     allowed_models: tuple[frozenset[str], ...]
     weight: np.ndarray  # float64 [S]
     _model_ok_cache: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, repr=False)
+    # The MIG profiles asked for lately; when present, MIG slice fit values what they keep placeable by it.
+    mig_mix: MigMix | None = None
 
     @property
     def size(self) -> int:
@@ -47,9 +50,13 @@ class TypicalShapes:
 
     def same_as(self, other: TypicalShapes) -> bool:
         """The same shapes with the same weights (whatever object holds them)."""
-        return self.allowed_models == other.allowed_models and all(
-            np.array_equal(getattr(self, name), getattr(other, name))
-            for name in ("cpu_milli", "memory_mib", "gpu_count", "gpu_milli", "weight")
+        return (
+            self.allowed_models == other.allowed_models
+            and self.mig_mix == other.mig_mix
+            and all(
+                np.array_equal(getattr(self, name), getattr(other, name))
+                for name in ("cpu_milli", "memory_mib", "gpu_count", "gpu_milli", "weight")
+            )
         )
 
     def model_ok(self, snapshot: ClusterSnapshot) -> np.ndarray:

@@ -4,6 +4,7 @@ Examples:
   gpu-extender simulate --nodes openb_node_list_gpu_node.csv --pods openb_pod_list_default.csv \\
       --policy random,best-fit,fgd,default --seeds 10 --jobs 2 --out results/
   gpu-extender simulate --mig --policy first-fit,default --seeds 5 --out results-mig/
+  gpu-extender simulate --mig --mig-churn --seeds 1 --out results-mig-churn/
   gpu-extender simulate --cold-starts --requests lora_request_trace.csv [--sleep] --out results-coldstarts/
 """
 
@@ -35,7 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help=f"policies, comma-separated: {', '.join(POLICY_NAMES + OTHER_POLICY_NAMES)}, or 'all' (default: all)",
     )
-    parser.add_argument("--seeds", type=int, default=10, help="number of seeds (default 10)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="number of seeds (default 10; 1 for --mig-churn, each seed's run is long)",
+    )
     parser.add_argument("--seed-base", type=int, default=42, help="first seed (default 42)")
     parser.add_argument("--inflation", type=float, default=1.3, help="GPU request to replay, × capacity (1.3)")
     parser.add_argument("--mode", choices=MODES, default="sim", help="sim, kube-scheduler or both (default sim)")
@@ -92,6 +98,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mig", action="store_true", help="run the MIG scenario instead of a trace")
     parser.add_argument("--mig-nodes", type=int, default=64, help="H100 nodes (8 GPUs each) in the MIG scenario")
     parser.add_argument(
+        "--mig-churn",
+        action="store_true",
+        help="the MIG scenario with departures (Poisson arrivals, exponential lifetimes, dynamic carving) at "
+        "several loads, against the no-fragmentation bound (implies --mig)",
+    )
+    parser.add_argument("--mig-gpus", type=int, default=100, help="H100-80GB GPUs in the MIG churn scenario")
+    parser.add_argument(
+        "--mig-loads",
+        default="0.7,0.8,0.9,1.0,1.1,1.2",
+        help="offered loads (compute slices in use on average over the fleet's) of the MIG churn scenario",
+    )
+    parser.add_argument(
         "--cold-starts", action="store_true", help="replay a request trace through the pre-warming policies instead"
     )
     from scheduler.simulator import coldstart_cli
@@ -143,6 +161,24 @@ def _run_mig(args: argparse.Namespace, out: Path) -> int:
     return 0
 
 
+def _run_mig_churn(args: argparse.Namespace, out: Path) -> int:
+    from scheduler.simulator.metrics import write_csv
+    from scheduler.simulator.mig_churn import CHURN_POLICIES, churn_table, format_churn_table
+
+    names = tuple(_split(args.policy)) or CHURN_POLICIES
+    unknown = [n for n in names if n not in CHURN_POLICIES]
+    if unknown:
+        raise SystemExit(f"unknown MIG churn policy {unknown[0]!r}; known: {', '.join(CHURN_POLICIES)}")
+    if "first-fit" not in names:
+        names = ("first-fit", *names)  # the gap is measured from first-fit
+    loads = tuple(float(v) for v in args.mig_loads.split(",") if v)
+    rows = churn_table(loads, names, args.mig_gpus, args.seeds or 1, args.seed_base)
+    print(format_churn_table(rows))
+    write_csv(out / "mig_churn_summary.csv", rows)
+    print(f"wrote {out / 'mig_churn_summary.csv'}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from scheduler.simulator.runner import (
         Task,
@@ -161,6 +197,9 @@ def run(args: argparse.Namespace) -> int:
         return coldstart_cli.run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.mig_churn:
+        return _run_mig_churn(args, out)
+    args.seeds = args.seeds or 10
     if args.mig:
         return _run_mig(args, out)
     pods = _split(args.pods)
