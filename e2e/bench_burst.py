@@ -71,6 +71,17 @@ def failure_reasons(lines: list[str]) -> Counter[str]:
     return out
 
 
+def scheduler_errors(lines: list[str]) -> Counter[str]:
+    """kube-scheduler's "Error scheduling pod" lines (a failed extender call among them: a timeout, an error
+    answer), by their error with addresses and names taken out."""
+    out: Counter[str] = Counter()
+    for line in lines:
+        if "Error scheduling pod" in line:
+            error = line.split(' err="', 1)[-1].split('" ', 1)[0]
+            out[re.sub(r"127\.0\.0\.1:\d+|p\d{5}", "…", error)[:160]] += 1
+    return out
+
+
 def decided(pod: dict[str, Any]) -> bool:
     """Bound, or found to fit nowhere (for now)."""
     if helpers.node_name(pod):
@@ -127,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         for verb in ("filter", "prioritize", "bind", "preempt")
         for outcome in ("error", "not_ready")
     )
-    scheduler_side = [line for line in scheduler_log if "xtender" in line and ("rror" in line or "imeout" in line)]
+    scheduler_side = scheduler_errors(scheduler_log)
     print(f"\nburst of {len(pods)} openb pods on {len(nodes)} nodes through kube-scheduler with the extender")
     print(f"  wall time (first created to last decided): {wall:.1f}s; bound {bound} ({bound / wall:.1f} pods/s)")
     print(f"  fit nowhere (Unschedulable): {nowhere}; undecided: {len(pods) - bound - nowhere}")
@@ -136,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         if calls:
             print(f"  {verb:<10} {calls:>6} calls  p50 <= {p50:.1f} ms  p99 <= {p99:.1f} ms  max <= {top:.1f} ms")
     print(
-        f"  extender calls failed (extender side): {failed:.0f}; scheduler log lines on extender errors: "
-        f"{len(scheduler_side)}"
+        f"  extender calls failed (extender side): {failed:.0f}; kube-scheduler's scheduling errors: "
+        f"{sum(scheduler_side.values())}"
     )
-    for line in scheduler_side[:5]:
-        print(f"    {line[:200]}")
+    for reason, count in scheduler_side.most_common(5):
+        print(f"    {count:>6} x {reason}")
     for reason, count in failure_reasons(extender_log).most_common(5):
         print(f"    {count:>6} x {reason}")
     print(f"  double booking: {len(book.problems)} problems over {bound} bound pods")
