@@ -105,7 +105,12 @@ class PrewarmLoop:
             log.warning("pre-warm round skipped", extra={"error": f"{type(exc).__name__}: {exc}"})
             self._count_round("failed")
             return []
-        decided = [(d, self.decide(d, activity.get(d.model), now)) for d in deployments]
+        decided = []
+        for d in deployments:
+            try:
+                decided.append((d, self.decide(d, activity.get(d.model), now)))
+            except Exception as exc:  # a forecaster's failure on one model must not stop the others
+                log.warning("pre-warm decision failed", extra={"deployment": _name(d), "error": f"{exc!r}"})
         # Staggered: the windows that close first get this round's starts; the rest start in later rounds.
         decided.sort(key=lambda pair: (not pair[1].warm, pair[1].until if pair[1].until is not None else float("inf")))
         actions: list[Action] = []
