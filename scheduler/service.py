@@ -325,6 +325,8 @@ class PlacementService:
         outcome = _outcome(decision, name_failures=not limit or not decision.evaluation.feasible.any())
         if limit and len(outcome.passed) > limit:
             outcome = self._shortlist(decision, outcome, limit)
+        if not outcome.passed:
+            outcome = self._pass_nominated(pod, uid, view, outcome)
         if len(outcome.passed) == 1 and outcome.decision is not None and outcome.decision.scored:
             # kube-scheduler binds a lone node without asking prioritize: hold its placement until bind
             # (`assumeBest`) before answering, so no filter answered meanwhile (binds run on other connections
@@ -332,6 +334,30 @@ class PlacementService:
             part = outcome.decision.feasible_part(outcome.passed)
             self._hold_best(uid, view.policy, assign(view.snapshot, part.demand, part.evaluation, 0, view.plan))
         return outcome
+
+    def _pass_nominated(
+        self, pod: Mapping[str, Any], uid: str, view: ModelView, outcome: FilterOutcome
+    ) -> FilterOutcome:
+        """Pass the node a preemptor is nominated to when it fits there once the victims granted to it are gone.
+
+        kube-scheduler deletes the victims and tries the pod again as soon as it sees them deleted; our watch may
+        see it milliseconds later. Refused then, the pod waits for another event that may not come for minutes
+        (preempt does not grant it new victims, see `Evictions`). Passed, it is bound, and bind decides on the
+        view of that moment: a failed bind is retried within a second."""
+        node = _nominated_node(pod)
+        if not node or (node not in outcome.failed and node not in outcome.unresolvable):
+            return outcome
+        victims = self.evictions.granted(uid, node)
+        snapshot = view.snapshot
+        if victims is None or node not in snapshot.index:
+            return outcome
+        on_node = {k: a for k, a in self.model.assignments().items() if a.node == node and k != uid}
+        inventory = snapshot.inventories[snapshot.index[node]]
+        if not self._fits_without(view, inventory, on_node, [v for v in victims if v in on_node], self.demand(pod)):
+            return outcome
+        failed = {n: r for n, r in outcome.failed.items() if n != node}
+        unresolvable = {n: r for n, r in outcome.unresolvable.items() if n != node}
+        return replace(outcome, passed=[node], failed=failed, unresolvable=unresolvable, decision=None)
 
     def _shortlist(self, decision: _Decision, outcome: FilterOutcome, limit: int) -> FilterOutcome:
         """Let through only the `limit` best-scored feasible nodes, best first.

@@ -187,3 +187,33 @@ def test_a_nominated_pod_whose_victims_are_going_gets_no_new_victims(fleet: Plac
     assert fleet.preempt(other, {"n4": ["a0", "a1"]}) == {"n4": ["a0", "a1"]}
     now[0] = 62.0
     assert fleet.preempt(other, {"n4": ["a0", "a1"]}) == {"n4": ["a0", "a1"]}
+
+
+def test_a_nominated_preemptor_passes_its_node_before_the_watch_sees_the_victims_go() -> None:
+    """kube-scheduler retries the preemptor as soon as it sees the victims deleted; our watch may not have yet.
+    Filter passes the nominated node then (bind decides on the view of its moment), rather than leave the pod
+    waiting for an event that may not come for minutes."""
+    from scheduler.model import ClusterModel
+    from scheduler.service import PlacementService
+    from tests.helpers import node as make_node
+
+    model = ClusterModel(PlacementPolicy())
+    model.replace_nodes([make_node("n0", gpus=2)])
+    model.mark_ready()
+    service = PlacementService(model, MemoryBinder(), confirm_on_bind=True)
+
+    def gpu_pod(uid: str, gpus: int) -> dict[str, Any]:
+        limits = {"nvidia.com/gpu": str(gpus)}
+        return {
+            "metadata": {"name": uid, "namespace": "default", "uid": uid},
+            "spec": {"containers": [{"name": "c", "resources": {"limits": limits, "requests": limits}}]},
+        }
+
+    assert service.filter(gpu_pod("low", 2), ["n0"]).passed == ["n0"]
+    service.bind("default", "low", "low", "n0")
+    high = gpu_pod("high", 2)
+    assert service.filter(high, ["n0"]).passed == []
+    assert service.preempt(high, {"n0": ["low"]}) == {"n0": ["low"]}
+    high["status"] = {"nominatedNodeName": "n0"}  # the victim is being deleted; the watch has not seen it yet
+    assert service.filter(high, ["n0"]).passed == ["n0"]
+    assert service.filter(gpu_pod("other", 2), ["n0"]).passed == []  # only the nominated preemptor
