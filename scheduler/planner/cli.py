@@ -19,7 +19,6 @@ import sys
 import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -152,51 +151,25 @@ def _fleet(path: str, prices: str, allow_mig: bool) -> list[FleetGpu]:
     return gpus
 
 
-@dataclass
-class _Want:
-    """One model's demand as read, before the catalog names it: rates of aliases of one model add up."""
-
-    name: str
-    requests_per_second: float
-    min_replicas: int | None = None
-    history: np.ndarray | None = None
-
-
 def _demand(args: argparse.Namespace, catalog: ModelCatalog) -> tuple[list[ServedModel], list[np.ndarray]]:
-    """The models to serve, in a fixed order, and their request histories in the same order (empty without a
-    trace)."""
+    """The models to serve, in name order, and their request histories in the same order (empty without a trace),
+    through the planner loop's own reading (`served_models`). A name the catalog lacks is refused with the names it
+    has: a plan without that model would be a silent under-provisioning."""
+    from scheduler.planner.demand import read_trace_demand
+    from scheduler.planner.demand_file import read_demand_file, wants_as_loads
+    from scheduler.planner.served import served_models
+
     path = args.requests or args.demand
     try:
-        wants = _trace_wants(path, args.trace_step, args.percentile) if args.requests else _file_wants(path)
+        if args.requests:
+            loads, floors = read_trace_demand(path, args.trace_step, args.percentile), {}
+        else:
+            loads, floors = wants_as_loads(read_demand_file(path))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise _Refusal(f"cannot read the demand {path}: {_reason(exc, path)}") from None
-    if not wants:
+    if not loads:
         raise _Refusal(f"the demand {path} names no model")
-    return _served(wants, catalog, args.catalog or "policies/models.yaml")
-
-
-def _trace_wants(path: str, step_s: float, percentile: float) -> list[_Want]:
-    from scheduler.planner.demand import read_trace_demand
-
-    loads = read_trace_demand(path, step_s, percentile)
-    return [_Want(name, load.requests_per_second, history=load.history) for name, load in loads.items()]
-
-
-def _file_wants(path: str) -> list[_Want]:
-    """A demand file (`scheduler.planner.demand_file`: CSV or YAML of rates and replica floors)."""
-    from scheduler.planner.demand_file import read_demand_file
-
-    return [_Want(w.name, w.requests_per_second, w.min_replicas) for w in read_demand_file(path)]
-
-
-def _served(wants: Sequence[_Want], catalog: ModelCatalog, origin: str) -> tuple[list[ServedModel], list[np.ndarray]]:
-    """Each wanted model as the catalog knows it. A name the catalog lacks is refused with the names it has: a
-    plan without that model would be a silent under-provisioning."""
-    import numpy as np
-
-    from policies.colocation import ServedModel
-
-    unknown = [w.name for w in wants if catalog.model(w.name) is None]
+    models, histories, unknown = served_models(loads, catalog, floors)
     if unknown:
         known = textwrap.fill(
             "the catalog has: " + ", ".join(spec.name for spec in catalog.models),
@@ -205,25 +178,8 @@ def _served(wants: Sequence[_Want], catalog: ModelCatalog, origin: str) -> tuple
             subsequent_indent="    ",
             break_on_hyphens=False,
         )
-        raise _Refusal(f"not in the catalog {origin}: {', '.join(unknown)}\n{known}")
-    merged: dict[str, _Want] = {}
-    for want in wants:
-        spec = catalog.model(want.name)
-        assert spec is not None
-        seen = merged.setdefault(spec.name, _Want(spec.name, 0.0))
-        seen.requests_per_second += want.requests_per_second
-        if want.min_replicas is not None:
-            seen.min_replicas = max(seen.min_replicas or 0, want.min_replicas)
-        if want.history is not None:
-            seen.history = want.history if seen.history is None else seen.history + want.history
-    models, histories = [], []
-    for name, want in merged.items():
-        spec = catalog.model(name)
-        assert spec is not None
-        replicas = spec.min_replicas if want.min_replicas is None else want.min_replicas
-        models.append(ServedModel(spec, want.requests_per_second, replicas))
-        histories.append(want.history if want.history is not None else np.zeros(0))
-    return models, (histories if any(len(h) for h in histories) else [])
+        raise _Refusal(f"not in the catalog {args.catalog or 'policies/models.yaml'}: {', '.join(unknown)}\n{known}")
+    return models, histories
 
 
 def _options(args: argparse.Namespace) -> PlannerOptions:
